@@ -1,0 +1,149 @@
+//! Command-line interface. Every flag also reads an `OVERLAYD_*` environment variable, so the
+//! DaemonSet can configure the daemon from a ConfigMap without rewriting its command line.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "overlayd",
+    version,
+    about = "Flannel-style VXLAN overlay for Kubernetes: per-node subnet leases from an external etcd"
+)]
+pub struct Cli {
+    /// Log filter (e.g. `info`, `debug`, `overlayd=debug`); default: RUST_LOG, else info.
+    #[arg(long, global = true, env = "OVERLAYD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Lease this node's subnet and keep the overlay data plane in shape (the DaemonSet's command).
+    Run(RunArgs),
+    /// Give this node's subnet back (decommissioning): revoke the etcd lease, remove the subnet file.
+    Release(ReleaseArgs),
+    /// Remove what another CNI left on this node.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long,
+        env = "OVERLAYD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of the network (flannel's default, so a cluster seeded for flannel works as is).
+    #[arg(
+        long,
+        env = "OVERLAYD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) to verify etcd's server certificate.
+    #[arg(long, env = "OVERLAYD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "OVERLAYD_ETCD_CERTFILE", requires = "etcd_keyfile")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "OVERLAYD_ETCD_KEYFILE", requires = "etcd_certfile")]
+    pub etcd_keyfile: Option<PathBuf>,
+    #[arg(long, env = "OVERLAYD_ETCD_USERNAME", requires = "etcd_password")]
+    pub etcd_username: Option<String>,
+    #[arg(
+        long,
+        env = "OVERLAYD_ETCD_PASSWORD",
+        requires = "etcd_username",
+        hide_env_values = true
+    )]
+    pub etcd_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Underlay interface that carries VXLAN traffic; default: the interface of the default route.
+    #[arg(long, env = "OVERLAYD_IFACE")]
+    pub iface: Option<String>,
+    /// This node's address on the underlay; default: the first IPv4 address of --iface.
+    #[arg(long, env = "OVERLAYD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Name stored in the lease for humans; default: the hostname.
+    #[arg(long, env = "OVERLAYD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the leased subnet is written for the CNI plugin.
+    #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = overlay_state::DEFAULT_SUBNET_FILE)]
+    pub subnet_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// TTL of the etcd lease behind this node's subnet; kept alive while the daemon runs.
+    #[arg(long, env = "OVERLAYD_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// Masquerade pod traffic that leaves the cluster network.
+    #[arg(long, env = "OVERLAYD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+    /// How often the data plane is checked against the leases even when nothing changed.
+    #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+    /// Only lease the subnet and write the subnet file; leave the node's network alone.
+    #[arg(long, env = "OVERLAYD_LEASE_ONLY")]
+    pub lease_only: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    #[command(subcommand)]
+    pub target: CleanupTarget,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CleanupTarget {
+    /// Remove the AWS VPC CNI's (aws-node) leftovers from this live node: iptables chains and rules,
+    /// the nftables table, ip rules, per-ENI routes and its CNI config.
+    AwsVpcCni(AwsCleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AwsCleanupArgs {
+    /// Print what would be removed and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// CNI config directory holding `10-aws.conflist`.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Keep ip rules and routes of pods whose host veth (`eni…`) still exists.
+    #[arg(long)]
+    pub keep_running_pods: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 90s, 30m, 24h"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than one second"));
+    }
+    Ok(d)
+}

@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod cleanup;
+pub mod release;
+pub mod run;

@@ -1,0 +1,14 @@
+//! overlayd as a library: the binary's commands, and the pieces tests drive against real etcd and
+//! real namespaces.
+//!
+//! Dependencies point one way: `cli` → `commands` → (`registry`, `dataplane`, `cleanup`) →
+//! kernel/etcd adapters.
+
+pub mod backoff;
+pub mod cleanup;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod logging;
+pub mod node;
+pub mod registry;

@@ -1,0 +1,39 @@
+//! `overlayd`: the node daemon and its operator commands.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use overlayd::cli::{Cli, Command};
+use overlayd::commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    overlayd::logging::init(cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("overlayd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => commands::run::run(args).await,
+            Command::Release(args) => commands::release::run(args).await,
+            Command::Cleanup(args) => commands::cleanup::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("overlayd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

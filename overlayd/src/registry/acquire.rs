@@ -1,0 +1,374 @@
+//! Getting this node a subnet (DESIGN.md, "Lease algorithm"):
+//!
+//! 1. a reservation (key without an etcd lease) whose PublicIP is ours;
+//! 2. the subnet named in the local subnet file, if it is still ours or free;
+//! 3. an existing lease whose PublicIP is ours (found even after the subnet file is gone);
+//! 4. otherwise a random free subnet in [SubnetMin, SubnetMax], created in one transaction guarded by
+//!    `create_revision == 0`, so two nodes can never both win one subnet; a lost race picks again.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use ipnetwork::Ipv4Network;
+use rand::seq::IndexedRandom;
+use tracing::{info, warn};
+
+use super::client::{Registry, RegistryError};
+use super::lease_value::{Lease, LeaseValue};
+use crate::config::NetworkConfig;
+
+/// A lost race re-reads and picks again; this bounds how often before giving up for now.
+const MAX_ATTEMPTS: usize = 32;
+
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub value: LeaseValue,
+    /// The subnet this node had before (from the subnet file), if any.
+    pub previous: Option<Ipv4Network>,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    pub subnet: Ipv4Network,
+    /// `None` for a reservation: nothing to keep alive, it never expires.
+    pub lease_id: Option<i64>,
+    pub how: How,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    Reservation,
+    /// Our own key, still in etcd (a restart).
+    Reused,
+    /// The subnet from the subnet file, whose key had expired: created again.
+    Recreated,
+    New,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            How::Reservation => "reservation for this node",
+            How::Reused => "this node's existing lease",
+            How::Recreated => "this node's previous subnet, leased again",
+            How::New => "new lease",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error(
+        "no free subnet: {leased} of {total} subnets in {network} are leased. Free one with \
+         `overlayd release` on a decommissioned node, or enlarge Network / SubnetMin-SubnetMax"
+    )]
+    NetworkFull {
+        leased: u32,
+        total: u32,
+        network: Ipv4Network,
+    },
+    #[error("lost the race for a free subnet {0} times in a row; will try again")]
+    Contended(usize),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl AcquireError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AcquireError::Registry(e) => e.is_transient(),
+            _ => true,
+        }
+    }
+}
+
+/// Acquires a subnet for the node described by `req.value`.
+pub async fn acquire(
+    reg: &Registry,
+    cfg: &NetworkConfig,
+    req: &AcquireRequest,
+) -> Result<Acquired, AcquireError> {
+    let me = req.value.public_ip;
+    let ttl_secs = req.ttl.as_secs().max(1) as i64;
+    // Granted lazily and reused across lost races; revoked if we end up not using it.
+    let mut granted: Option<i64> = None;
+    let result = acquire_inner(reg, cfg, req, me, ttl_secs, &mut granted).await;
+    let used = result.as_ref().ok().and_then(|a| a.lease_id);
+    if let Some(id) = granted.filter(|g| Some(*g) != used) {
+        let mut c = reg.client();
+        let _ = reg.call(c.lease_revoke(id)).await;
+    }
+    result
+}
+
+async fn acquire_inner(
+    reg: &Registry,
+    cfg: &NetworkConfig,
+    req: &AcquireRequest,
+    me: Ipv4Addr,
+    ttl_secs: i64,
+    granted: &mut Option<i64>,
+) -> Result<Acquired, AcquireError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let set = reg.list_leases().await?;
+        let mine = |l: &&Lease| l.public_ip() == Some(me) && cfg.is_leasable(&l.subnet);
+
+        // 1. A reservation for us wins over everything: the operator pinned this node.
+        if let Some(r) = set
+            .leases
+            .values()
+            .filter(mine)
+            .find(|l| l.is_reservation())
+        {
+            if update_value(reg, r, None, &req.value).await? {
+                return Ok(Acquired {
+                    subnet: r.subnet,
+                    lease_id: None,
+                    how: How::Reservation,
+                });
+            }
+            continue;
+        }
+
+        // 2./3. Our previous subnet (subnet file first, then any key with our PublicIP).
+        let previous = req.previous.filter(|p| cfg.is_leasable(p));
+        if let Some(p) = previous {
+            match set.leases.get(&p) {
+                Some(l) if l.public_ip() == Some(me) => {
+                    if let Some(a) = take_over(reg, l, req, ttl_secs, granted).await? {
+                        return Ok(a);
+                    }
+                    continue;
+                }
+                Some(l) => warn!(
+                    subnet = %p,
+                    holder = ?l.public_ip(),
+                    "the subnet in this node's subnet file is now leased by another node; this node \
+                     must take a different subnet, and pods still running with addresses from {p} \
+                     will lose connectivity until they are recreated"
+                ),
+                None => {
+                    let id = grant(reg, ttl_secs, granted).await?;
+                    if create(reg, &p, &req.value, id).await? {
+                        return Ok(Acquired {
+                            subnet: p,
+                            lease_id: Some(id),
+                            how: How::Recreated,
+                        });
+                    }
+                    continue;
+                }
+            }
+        }
+        if let Some(l) = set.leases.values().filter(mine).next() {
+            if let Some(a) = take_over(reg, l, req, ttl_secs, granted).await? {
+                return Ok(a);
+            }
+            continue;
+        }
+
+        // 4. A random free subnet, so nodes starting together rarely want the same one.
+        let free: Vec<Ipv4Network> = cfg
+            .subnets()
+            .filter(|s| !set.leases.contains_key(s))
+            .collect();
+        let Some(pick) = free.choose(&mut rand::rng()).copied() else {
+            let total = cfg.capacity();
+            let leased = set.leases.keys().filter(|s| cfg.is_leasable(s)).count() as u32;
+            return Err(AcquireError::NetworkFull {
+                leased,
+                total,
+                network: cfg.network,
+            });
+        };
+        let id = grant(reg, ttl_secs, granted).await?;
+        if create(reg, &pick, &req.value, id).await? {
+            return Ok(Acquired {
+                subnet: pick,
+                lease_id: Some(id),
+                how: How::New,
+            });
+        }
+        info!(subnet = %pick, "another node claimed this subnet first; picking again");
+    }
+    Err(AcquireError::Contended(MAX_ATTEMPTS))
+}
+
+async fn grant(
+    reg: &Registry,
+    ttl_secs: i64,
+    granted: &mut Option<i64>,
+) -> Result<i64, RegistryError> {
+    if let Some(id) = *granted {
+        return Ok(id);
+    }
+    let mut c = reg.client();
+    let resp = reg.call(c.lease_grant(ttl_secs, None)).await?;
+    *granted = Some(resp.id());
+    Ok(resp.id())
+}
+
+/// Creates the key only if it has never existed since its last delete.
+async fn create(
+    reg: &Registry,
+    subnet: &Ipv4Network,
+    value: &LeaseValue,
+    lease: i64,
+) -> Result<bool, RegistryError> {
+    let key = reg.keys.subnet(subnet);
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            value.to_json(),
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    let mut c = reg.client();
+    Ok(reg.call(c.txn(txn)).await?.succeeded())
+}
+
+/// Takes back a key that already carries our PublicIP. Its etcd lease is kept (no write at all when
+/// the value is unchanged, so a restart wakes no other node); a lease that is about to vanish is
+/// replaced by a fresh one in the same guarded write.
+async fn take_over(
+    reg: &Registry,
+    l: &Lease,
+    req: &AcquireRequest,
+    ttl_secs: i64,
+    granted: &mut Option<i64>,
+) -> Result<Option<Acquired>, RegistryError> {
+    let mut c = reg.client();
+    let alive = reg
+        .call(c.lease_time_to_live(l.lease_id, None))
+        .await
+        .map(|r| r.ttl() > 0)
+        .unwrap_or(false);
+    let lease = if alive {
+        l.lease_id
+    } else {
+        grant(reg, ttl_secs, granted).await?
+    };
+    if !update_value(reg, l, Some(lease), &req.value).await? {
+        return Ok(None);
+    }
+    Ok(Some(Acquired {
+        subnet: l.subnet,
+        lease_id: Some(lease),
+        how: How::Reused,
+    }))
+}
+
+/// Writes `value` (with `lease`, or none for a reservation) unless the key changed since we read
+/// it. Skips the write when nothing would change.
+async fn update_value(
+    reg: &Registry,
+    l: &Lease,
+    lease: Option<i64>,
+    value: &LeaseValue,
+) -> Result<bool, RegistryError> {
+    let same_value = l.value.as_ref() == Some(value);
+    let same_lease = lease.unwrap_or(0) == l.lease_id;
+    if same_value && same_lease {
+        return Ok(true);
+    }
+    let key = reg.keys.subnet(&l.subnet);
+    let mut opts = PutOptions::new();
+    if let Some(id) = lease {
+        opts = opts.with_lease(id);
+    }
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            l.mod_revision,
+        )])
+        .and_then([TxnOp::put(key.as_str(), value.to_json(), Some(opts))]);
+    let mut c = reg.client();
+    Ok(reg.call(c.txn(txn)).await?.succeeded())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReassertError {
+    #[error(
+        "subnet {subnet} is now leased by another node ({holder}); refusing to renumber this node \
+         silently, which would strand its running pods. Drain the node, run `overlayd release` \
+         (or delete {subnet}'s key if it is stale), then restart overlayd"
+    )]
+    Taken { subnet: Ipv4Network, holder: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// Puts this node's key for `subnet` back after it vanished (expired while etcd was away, or deleted
+/// by someone): only this subnet, never another one.
+pub async fn reassert(
+    reg: &Registry,
+    subnet: Ipv4Network,
+    req: &AcquireRequest,
+) -> Result<Acquired, ReassertError> {
+    let ttl_secs = req.ttl.as_secs().max(1) as i64;
+    let mut granted = None;
+    let result = reassert_inner(reg, subnet, req, ttl_secs, &mut granted).await;
+    let used = result.as_ref().ok().and_then(|a| a.lease_id);
+    if let Some(id) = granted.filter(|g| Some(*g) != used) {
+        let mut c = reg.client();
+        let _ = reg.call(c.lease_revoke(id)).await;
+    }
+    result
+}
+
+async fn reassert_inner(
+    reg: &Registry,
+    subnet: Ipv4Network,
+    req: &AcquireRequest,
+    ttl_secs: i64,
+    granted: &mut Option<i64>,
+) -> Result<Acquired, ReassertError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let set = reg.list_leases().await?;
+        match set.leases.get(&subnet) {
+            None => {
+                let id = grant(reg, ttl_secs, granted).await?;
+                if create(reg, &subnet, &req.value, id).await? {
+                    return Ok(Acquired {
+                        subnet,
+                        lease_id: Some(id),
+                        how: How::Recreated,
+                    });
+                }
+            }
+            Some(l) if l.public_ip() == Some(req.value.public_ip) => {
+                if l.is_reservation() {
+                    if update_value(reg, l, None, &req.value).await? {
+                        return Ok(Acquired {
+                            subnet,
+                            lease_id: None,
+                            how: How::Reservation,
+                        });
+                    }
+                } else if let Some(a) = take_over(reg, l, req, ttl_secs, granted).await? {
+                    return Ok(a);
+                }
+            }
+            Some(l) => {
+                return Err(ReassertError::Taken {
+                    subnet,
+                    holder: l
+                        .value
+                        .as_ref()
+                        .map(|v| match &v.node_name {
+                            Some(n) => format!("{n}, {}", v.public_ip),
+                            None => v.public_ip.to_string(),
+                        })
+                        .unwrap_or_else(|| "unreadable value".into()),
+                })
+            }
+        }
+    }
+    Err(ReassertError::Registry(RegistryError::Rejected {
+        endpoints: reg.endpoints().to_string(),
+        detail: format!("subnet key {subnet} kept changing under us"),
+    }))
+}

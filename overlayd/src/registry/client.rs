@@ -1,0 +1,221 @@
+//! Connection to etcd, and the reads every other piece builds on.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use ipnetwork::Ipv4Network;
+
+use super::keys::Keys;
+use super::lease_value::{Lease, LeaseValue};
+use super::watch::LeaseSet;
+use crate::cli::EtcdArgs;
+use crate::config::{ConfigError, NetworkConfig, EXAMPLE_CONFIG};
+
+/// Every unary call gets this long; a stuck call must not hang the daemon.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd unreachable at {endpoints}: {detail}")]
+    Unreachable { endpoints: String, detail: String },
+    #[error(
+        "network config not found: key {key} does not exist in etcd at {endpoints}. Seed it with:\n  \
+         ETCDCTL_API=3 etcdctl --endpoints={endpoints} put {key} '{example}'\n\
+         (keys written with the etcd v2 API, `etcdctl set` or ETCDCTL_API=2, are invisible to overlayd, \
+         which speaks v3 only; also check --etcd-prefix)",
+        example = EXAMPLE_CONFIG
+    )]
+    ConfigMissing { key: String, endpoints: String },
+    #[error("network config at {key}: {source}")]
+    ConfigInvalid {
+        key: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("etcd at {endpoints} refused the request: {detail}")]
+    Rejected { endpoints: String, detail: String },
+}
+
+impl RegistryError {
+    /// Whether waiting and trying again can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Unreachable { .. } | RegistryError::ConfigMissing { .. }
+        )
+    }
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    pub keys: Keys,
+    endpoints: String,
+}
+
+impl Registry {
+    /// Builds a client. Connecting is lazy in the gRPC layer, so an unreachable etcd shows up on the
+    /// first call, as [`RegistryError::Unreachable`].
+    pub async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
+        let endpoints = args.etcd_endpoints.join(",");
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let (Some(u), Some(p)) = (&args.etcd_username, &args.etcd_password) {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
+            let mut tls = TlsOptions::new();
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|source| RegistryError::TlsFile {
+                    path: p.display().to_string(),
+                    source,
+                })
+            };
+            if let Some(ca) = &args.etcd_cafile {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(c), Some(k)) = (&args.etcd_certfile, &args.etcd_keyfile) {
+                tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        let client = Client::connect(&args.etcd_endpoints, Some(opts))
+            .await
+            .map_err(|e| RegistryError::Unreachable {
+                endpoints: endpoints.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Registry {
+            client,
+            keys: Keys::new(&args.etcd_prefix),
+            endpoints,
+        })
+    }
+
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Runs one etcd call with a deadline and maps its failure.
+    pub async fn call<T, F>(&self, fut: F) -> Result<T, RegistryError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.map_err(e)),
+            Err(_) => Err(RegistryError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+            }),
+        }
+    }
+
+    pub fn map_err(&self, e: etcd_client::Error) -> RegistryError {
+        use etcd_client::Error as E;
+        let endpoints = self.endpoints.clone();
+        match e {
+            E::GRpcStatus(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                ) =>
+            {
+                RegistryError::Unreachable {
+                    endpoints,
+                    detail: match std::error::Error::source(&s) {
+                        Some(src) => format!("{}: {}", s.message(), root_cause(src)),
+                        None => s.message().to_string(),
+                    },
+                }
+            }
+            E::GRpcStatus(s) => RegistryError::Rejected {
+                endpoints,
+                detail: format!("{}: {}", s.code(), s.message()),
+            },
+            E::TransportError(t) => RegistryError::Unreachable {
+                endpoints,
+                detail: format!("{t}: {}", root_cause(&t)),
+            },
+            E::IoError(io) => RegistryError::Unreachable {
+                endpoints,
+                detail: io.to_string(),
+            },
+            other => RegistryError::Rejected {
+                endpoints,
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    /// Reads and validates `<prefix>/config`. Warnings (unknown fields) come back for logging.
+    pub async fn network_config(&self) -> Result<(NetworkConfig, Vec<String>), RegistryError> {
+        let key = self.keys.config();
+        let mut c = self.client.clone();
+        let resp = self.call(c.get(key.as_str(), None)).await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(RegistryError::ConfigMissing {
+                key,
+                endpoints: self.endpoints.clone(),
+            });
+        };
+        NetworkConfig::parse(kv.value())
+            .map_err(|source| RegistryError::ConfigInvalid { key, source })
+    }
+
+    /// Every subnet key, with the revision the listing was taken at.
+    pub async fn list_leases(&self) -> Result<LeaseSet, RegistryError> {
+        let mut c = self.client.clone();
+        let resp = self
+            .call(c.get(self.keys.subnets(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut leases = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some(lease) =
+                self.lease_from_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())
+            {
+                leases.insert(lease.subnet, lease);
+            }
+        }
+        Ok(LeaseSet { revision, leases })
+    }
+
+    pub fn lease_from_kv(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease_id: i64,
+        mod_revision: i64,
+    ) -> Option<Lease> {
+        let subnet: Ipv4Network = self.keys.parse_subnet(key)?;
+        Some(Lease {
+            subnet,
+            value: serde_json::from_slice::<LeaseValue>(value).ok(),
+            lease_id,
+            mod_revision,
+        })
+    }
+}
+
+/// The innermost cause ("Connection refused (os error 111)"): gRPC's top-level messages alone
+/// ("tcp connect error") do not say what to fix.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

@@ -1,0 +1,131 @@
+//! A real etcd server (Debian package `etcd-server`) for tests.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::{free_port, wait_for, Daemon, Netns};
+
+pub struct Etcd {
+    pub endpoint: String,
+    // Field order matters: the server stops before its data dir is removed.
+    daemon: Daemon,
+    _dir: tempfile::TempDir,
+    netns: Option<String>,
+}
+
+fn etcd_binary() -> PathBuf {
+    for p in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
+        if std::path::Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("etcd not found: install Debian's etcd-server (scripts/test.sh does)");
+}
+
+impl Etcd {
+    /// etcd on loopback in the host namespace.
+    pub fn start() -> Etcd {
+        Self::start_on(None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// etcd listening on `ip`, inside `netns` when given (the lab's etcd on the underlay).
+    pub fn start_on(netns: Option<&Netns>, ip: Ipv4Addr) -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Ports are picked in the host namespace; inside a fresh namespace nothing else listens.
+        let client = free_port(Ipv4Addr::LOCALHOST);
+        let peer = free_port(Ipv4Addr::LOCALHOST);
+        let endpoint = format!("http://{ip}:{client}");
+        let mut cmd = match netns {
+            Some(ns) => ns.cmd(etcd_binary().to_str().expect("utf8 path")),
+            None => Command::new(etcd_binary()),
+        };
+        cmd.env("ETCD_UNSUPPORTED_ARCH", "")
+            .arg("--name")
+            .arg("lab")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&endpoint)
+            .arg("--advertise-client-urls")
+            .arg(&endpoint)
+            .arg("--listen-peer-urls")
+            .arg(format!("http://{ip}:{peer}"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://{ip}:{peer}"))
+            .arg("--initial-cluster")
+            .arg(format!("lab=http://{ip}:{peer}"))
+            .arg("--log-level")
+            .arg("warn");
+        let log = dir.path().join("etcd.log");
+        let daemon = Daemon::spawn("etcd", cmd, log);
+        let etcd = Etcd {
+            endpoint,
+            daemon,
+            _dir: dir,
+            netns: netns.map(|n| n.name.clone()),
+        };
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            etcd.try_ctl(&["endpoint", "health"]).ok().map(|_| ())
+        });
+        etcd
+    }
+
+    fn ctl_cmd(&self) -> Command {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .arg("--command-timeout=5s");
+        c
+    }
+
+    pub fn try_ctl(&self, args: &[&str]) -> Result<Output, String> {
+        crate::netns::try_run(self.ctl_cmd().args(args))
+    }
+
+    /// `etcdctl <args>`, stdout as text; panics on failure.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        match self.try_ctl(args) {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Err(e) => panic!("etcdctl failed: {e}"),
+        }
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.ctl(&["put", key, value]);
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self.ctl(&["get", key, "--print-value-only"]);
+        let v = out.trim_end_matches('\n');
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.to_string())
+        }
+    }
+
+    /// Keys under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self.ctl(&["get", prefix, "--prefix", "--keys-only"]);
+        let mut keys: Vec<String> = out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.daemon.is_running()
+    }
+}
