@@ -100,20 +100,23 @@ impl NetworkConfig {
         );
 
         let network = match obj.get("Network") {
-            None | Some(Value::Null) => return Err(field_err(
-                "Network",
-                &Value::Null,
-                format!(
+            None | Some(Value::Null) => {
+                return Err(field_err(
+                    "Network",
+                    &Value::Null,
+                    format!(
                     "required: the cluster's pod network as an IPv4 CIDR, e.g. {EXAMPLE_CONFIG}"
                 ),
-            )),
+                ))
+            }
             Some(v) => {
                 let s = v.as_str().ok_or_else(|| {
                     field_err("Network", v, "must be a string such as \"10.244.0.0/16\"")
                 })?;
-                let n: Ipv4Network = s.parse().map_err(|_| {
-                    field_err("Network", v, "not an IPv4 CIDR such as \"10.244.0.0/16\"")
-                })?;
+                let n: Ipv4Network =
+                    s.parse().ok().filter(|_| s.contains('/')).ok_or_else(|| {
+                        field_err("Network", v, "not an IPv4 CIDR such as \"10.244.0.0/16\"")
+                    })?;
                 if n.ip() != n.network() {
                     return Err(field_err(
                         "Network",

@@ -41,8 +41,7 @@ impl Etcd {
             Some(ns) => ns.cmd(etcd_binary().to_str().expect("utf8 path")),
             None => Command::new(etcd_binary()),
         };
-        cmd.env("ETCD_UNSUPPORTED_ARCH", "")
-            .arg("--name")
+        cmd.arg("--name")
             .arg("lab")
             .arg("--data-dir")
             .arg(dir.path().join("data"))

@@ -162,7 +162,7 @@ async fn acquire_inner(
                 }
             }
         }
-        if let Some(l) = set.leases.values().filter(mine).next() {
+        if let Some(l) = set.leases.values().find(mine) {
             if let Some(a) = take_over(reg, l, req, ttl_secs, granted).await? {
                 return Ok(a);
             }
