@@ -1,0 +1,69 @@
+# Sourced by the scripts: installs what building and testing overlayd needs on Debian/Ubuntu, only
+# when it is missing, so a second run is quick and offline.
+
+# Debian package providing each command we need.
+OVERLAY_DEPS=(
+  "cc:gcc"                       # the linker rustc calls, and ring's C code (TLS to etcd)
+  "protoc:protobuf-compiler"     # etcd-client compiles etcd's protos at build time
+  "etcd:etcd-server"             # the real etcd the tests and the lab run
+  "etcdctl:etcd-client"          # seeding the config, as an operator would
+  "ip:iproute2"                  # building lab namespaces (the product itself speaks netlink)
+  "bridge:iproute2"
+  "iptables:iptables"
+  "iptables-legacy:iptables"
+  "nft:nftables"
+  "ping:iputils-ping"
+  "iperf3:iperf3"
+  "pgrep:procps"
+  "/usr/lib/cni/host-local:containernetworking-plugins"  # the reference the CNI bench compares with
+)
+
+ensure_deps() {
+  local missing=() entry cmd pkg
+  for entry in "${OVERLAY_DEPS[@]}"; do
+    cmd=${entry%%:*}
+    pkg=${entry#*:}
+    if [[ $cmd == /* ]]; then
+      [[ -e $cmd ]] && continue
+    else
+      command -v "$cmd" >/dev/null 2>&1 && continue
+      [[ -x /usr/sbin/$cmd || -x /sbin/$cmd ]] && continue
+    fi
+    [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
+  done
+  # libc6-dev has no command to probe: gcc without it cannot link.
+  [[ -e /usr/include/stdio.h ]] || missing+=(libc6-dev)
+  if ((${#missing[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+      echo "missing packages: ${missing[*]}; run as root, or: apt-get install -y ${missing[*]}" >&2
+      return 1
+    fi
+    echo "==> installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # iptables and friends live in sbin, which a non-login root shell may lack.
+  export PATH="$PATH:/usr/sbin:/sbin"
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [[ -f $HOME/.cargo/env ]] && . "$HOME/.cargo/env"
+  fi
+  command -v cargo >/dev/null 2>&1 || {
+    echo "cargo not found: install a Rust toolchain >= 1.85 (https://rustup.rs)" >&2
+    return 1
+  }
+  local v
+  v=$(rustc --version | awk '{print $2}')
+  if ! printf '1.85.0\n%s\n' "$v" | sort -V -C; then
+    echo "rustc $v is too old: overlayd needs >= 1.85 (rustup update)" >&2
+    return 1
+  fi
+  # clippy and rustfmt come with rustup's default profile; add them if this toolchain lacks them.
+  if command -v rustup >/dev/null 2>&1; then
+    cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+    cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+  fi
+}
