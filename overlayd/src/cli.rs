@@ -28,8 +28,20 @@ pub enum Command {
     Run(RunArgs),
     /// Give this node's subnet back (decommissioning): revoke the etcd lease, remove the subnet file.
     Release(ReleaseArgs),
+    /// Remove overlayd's data plane from this node: VTEP, bridge, routes, iptables chains and the
+    /// subnet file. The etcd lease is left alone (`overlayd release` gives it back).
+    Uninstall(UninstallArgs),
     /// Remove what another CNI left on this node.
     Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UninstallArgs {
+    /// The pods' bridge to remove.
+    #[arg(long, env = "OVERLAYD_BRIDGE", default_value = "cni0")]
+    pub bridge: String,
+    #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = overlay_state::DEFAULT_SUBNET_FILE)]
+    pub subnet_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -137,6 +149,9 @@ pub struct AwsCleanupArgs {
     /// Keep ip rules and routes of pods whose host veth (`eni…`) still exists.
     #[arg(long)]
     pub keep_running_pods: bool,
+    /// aws-node's state directory (ipamd checkpoint, sockets); its entries are renamed aside.
+    #[arg(long, default_value = "/var/run/aws-node")]
+    pub aws_node_state_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

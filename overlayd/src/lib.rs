@@ -9,6 +9,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dataplane;
 pub mod logging;
 pub mod node;
 pub mod registry;

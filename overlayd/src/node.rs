@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteType};
@@ -17,11 +18,13 @@ pub struct Node {
     pub iface_index: u32,
     pub iface_mtu: u32,
     pub public_ip: Ipv4Addr,
+    /// The underlay L2 subnet the public IP sits in (for `Backend.DirectRouting`), when known.
+    pub underlay_net: Option<Ipv4Network>,
     pub name: String,
     pub vtep_mac: Mac,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Mac(pub [u8; 6]);
 
 impl fmt::Display for Mac {
@@ -95,12 +98,18 @@ pub async fn discover(handle: &Handle, args: &NodeArgs, vni: u32) -> Result<Node
     let (iface_index, iface_mtu) = link_by_name(handle, &iface)
         .await?
         .ok_or_else(|| NodeError::NoSuchIface(iface.clone()))?;
+    let addrs = ipv4_addrs(handle, iface_index).await?;
     let public_ip = match args.public_ip {
         Some(ip) => ip,
-        None => first_ipv4(handle, iface_index)
-            .await?
+        None => addrs
+            .first()
+            .map(|n| n.ip())
             .ok_or_else(|| NodeError::NoAddress(iface.clone()))?,
     };
+    let underlay_net = addrs
+        .iter()
+        .find(|n| n.ip() == public_ip)
+        .and_then(|n| Ipv4Network::new(n.network(), n.prefix()).ok());
     let name = match &args.node_name {
         Some(n) => n.clone(),
         None => nix::unistd::gethostname()
@@ -113,6 +122,7 @@ pub async fn discover(handle: &Handle, args: &NodeArgs, vni: u32) -> Result<Node
         iface_index,
         iface_mtu,
         public_ip,
+        underlay_net,
         name,
         vtep_mac: Mac::for_vtep(public_ip, vni),
     })
@@ -168,20 +178,23 @@ async fn default_route_iface(handle: &Handle) -> Result<String, NodeError> {
         .ok_or(NodeError::NoDefaultRoute)
 }
 
-async fn first_ipv4(handle: &Handle, index: u32) -> Result<Option<Ipv4Addr>, NodeError> {
+async fn ipv4_addrs(handle: &Handle, index: u32) -> Result<Vec<Ipv4Network>, NodeError> {
     let mut addrs = handle
         .address()
         .get()
         .set_link_index_filter(index)
         .execute();
+    let mut out = Vec::new();
     while let Some(a) = addrs.try_next().await? {
         for attr in &a.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                return Ok(Some(*ip));
+                if let Ok(n) = Ipv4Network::new(*ip, a.header.prefix_len) {
+                    out.push(n);
+                }
             }
         }
     }
-    Ok(None)
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -3,3 +3,4 @@
 pub mod cleanup;
 pub mod release;
 pub mod run;
+pub mod uninstall;

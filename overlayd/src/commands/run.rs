@@ -9,13 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
 use overlay_state::SubnetFile;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::cli::RunArgs;
 use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
+use crate::dataplane::{monitor, Dataplane, Plan};
 use crate::node::{self, Node};
 use crate::registry::{
     self, AcquireRequest, Acquired, LeaseSet, LeaseValue, Registry, RegistryError,
@@ -127,6 +128,25 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         mtu,
         ip_masq: args.ip_masq,
     };
+
+    let mut dataplane = if args.lease_only {
+        None
+    } else {
+        let plan = Plan::new(
+            &cfg,
+            &node,
+            acquired.subnet,
+            mtu,
+            args.ip_masq,
+            node.underlay_net,
+        );
+        let mut dp = Dataplane::new(handle.clone(), plan);
+        dp.ensure_sysctls().await?;
+        dp.ensure_devices().await?;
+        dp.ensure_iptables().await?;
+        Some(dp)
+    };
+    // Written only once the bridge and VTEP exist: the plugin takes the file as "ready".
     subnet_file.write_atomic(&args.node.subnet_file)?;
     info!(
         subnet = %acquired.subnet,
@@ -138,7 +158,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.node.subnet_file.display()
     );
 
-    supervise(&reg, &node, &req, acquired, &args).await
+    supervise(&reg, &node, &req, acquired, &args, dataplane.as_mut()).await
 }
 
 async fn acquire_until_done(reg: &Registry, cfg: &NetworkConfig, req: &AcquireRequest) -> Acquired {
@@ -170,14 +190,15 @@ fn spawn_keepalive(reg: &Registry, a: &Acquired, ttl: Duration) -> Option<JoinHa
         .map(|id| tokio::spawn(registry::keepalive::keep_alive(reg.clone(), id, ttl)))
 }
 
-/// Runs until a fatal condition: follows all leases, keeps ours alive, and re-asserts our key if it
-/// disappears.
+/// Runs until a fatal condition: follows all leases, keeps ours alive, re-asserts our key if it
+/// disappears, and keeps the data plane equal to the leases.
 async fn supervise(
     reg: &Registry,
     node: &Node,
     req: &AcquireRequest,
     mut acquired: Acquired,
     args: &RunArgs,
+    mut dataplane: Option<&mut Dataplane>,
 ) -> anyhow::Result<ExitCode> {
     let subnet: Ipv4Network = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
@@ -185,6 +206,14 @@ async fn supervise(
     let mut keeper = spawn_keepalive(reg, &acquired, args.lease_ttl);
     let mut tick = tokio::time::interval(args.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // iptables checks spawn processes: less often than the netlink reconcile.
+    let mut iptables_tick = tokio::time::interval(args.resync_interval.max(Duration::from_secs(5)));
+    iptables_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let kernel_changed = Arc::new(Notify::new());
+    if dataplane.is_some() {
+        monitor::spawn(kernel_changed.clone());
+    }
+    let mut latest = Arc::new(LeaseSet::default());
 
     let result = loop {
         let keeper_done = async {
@@ -204,6 +233,7 @@ async fn supervise(
                 if set.revision == 0 {
                     continue;
                 }
+                latest = set.clone();
                 let ours = set.leases.get(&subnet).and_then(|l| l.public_ip()) == Some(node.public_ip);
                 if !ours {
                     warn!("this node's subnet key for {subnet} is gone or changed hands in etcd; putting it back");
@@ -233,6 +263,26 @@ async fn supervise(
                 }
             }
             _ = tick.tick() => {}
+            _ = kernel_changed.notified() => {
+                // A burst of notifications (our own writes included) becomes one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = iptables_tick.tick() => {
+                if let Some(dp) = dataplane.as_deref_mut() {
+                    if let Err(e) = dp.ensure_iptables().await {
+                        error!("{e}");
+                    }
+                }
+                continue;
+            }
+        }
+        if latest.revision == 0 {
+            continue; // nothing listed yet: never remove peers on an empty view
+        }
+        if let Some(dp) = dataplane.as_deref_mut() {
+            if let Err(e) = dp.reconcile(&latest).await {
+                error!("data plane: {e}; retrying");
+            }
         }
     };
     follower.abort();

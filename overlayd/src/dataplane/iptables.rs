@@ -1,0 +1,361 @@
+//! iptables rules in chains of our own, applied atomically with `iptables-restore --noflush`.
+//!
+//! - nat `OVERLAY-POSTRTG` (jumped to from POSTROUTING): leave packets kube-proxy marked for
+//!   masquerade (0x4000) and traffic inside `Network` alone; masquerade pods' traffic leaving
+//!   `Network` (`--ip-masq`), and outside traffic to other nodes' pods, as flannel does.
+//! - filter `OVERLAY-FWD` (jumped to from FORWARD): accept `Network` both ways, so a default-drop
+//!   FORWARD policy (Docker's) does not cut pods off.
+//!
+//! The backend (legacy or nf_tables) is chosen the way kube-proxy's iptables wrapper does: where
+//! kubelet's canary chains live, else where more rules live. The iptables tools are spawned here:
+//! their restore format is the stable, atomic interface to both backends.
+
+use std::fmt::Write as _;
+use std::process::Stdio;
+
+use ipnetwork::Ipv4Network;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tracing::{info, warn};
+
+use super::DataplaneError;
+
+pub const NAT_CHAIN: &str = "OVERLAY-POSTRTG";
+pub const FWD_CHAIN: &str = "OVERLAY-FWD";
+const NAT_JUMP: &str =
+    "-A POSTROUTING -m comment --comment \"overlayd: pod masquerade\" -j OVERLAY-POSTRTG";
+const FWD_JUMP: &str =
+    "-A FORWARD -m comment --comment \"overlayd: pod forwarding\" -j OVERLAY-FWD";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+impl Backend {
+    fn save(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy-save",
+            Backend::Nft => "iptables-nft-save",
+        }
+    }
+    fn restore(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy-restore",
+            Backend::Nft => "iptables-nft-restore",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Legacy => "legacy",
+            Backend::Nft => "nf_tables",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub network: Ipv4Network,
+    pub subnet: Ipv4Network,
+    pub ip_masq: bool,
+}
+
+pub struct Iptables {
+    backend: Backend,
+    random_fully: bool,
+}
+
+async fn output(program: &str, args: &[&str]) -> Result<String, DataplaneError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            DataplaneError::Iptables(format!(
+                "cannot run {program}: {e}; is the iptables package installed?"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(DataplaneError::Iptables(format!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Iptables {
+    /// Picks the backend as kube-proxy's wrapper does.
+    pub async fn detect() -> Result<Iptables, DataplaneError> {
+        let nft = output("iptables-nft-save", &[]).await.ok();
+        let legacy = output("iptables-legacy-save", &[]).await.ok();
+        let canary = |s: &Option<String>| {
+            s.as_deref().is_some_and(|t| {
+                t.contains("KUBE-IPTABLES-HINT") || t.contains("KUBE-KUBELET-CANARY")
+            })
+        };
+        let rules = |s: &Option<String>| {
+            s.as_deref()
+                .map_or(0, |t| t.lines().filter(|l| l.starts_with("-A")).count())
+        };
+        let backend = match (&nft, &legacy) {
+            (None, None) => {
+                return Err(DataplaneError::Iptables(
+                    "neither iptables-nft-save nor iptables-legacy-save works; install iptables (>= 1.8)".into(),
+                ))
+            }
+            (Some(_), None) => Backend::Nft,
+            (None, Some(_)) => Backend::Legacy,
+            _ if canary(&nft) => Backend::Nft,
+            _ if canary(&legacy) => Backend::Legacy,
+            _ if rules(&legacy) > rules(&nft) => Backend::Legacy,
+            _ => Backend::Nft,
+        };
+        let version = output(
+            if backend == Backend::Nft {
+                "iptables-nft"
+            } else {
+                "iptables-legacy"
+            },
+            &["--version"],
+        )
+        .await
+        .unwrap_or_default();
+        Ok(Iptables {
+            backend,
+            random_fully: supports_random_fully(&version),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn chains_text(&self, r: &Rules) -> (String, String) {
+        let n = r.network;
+        let s = r.subnet;
+        let rf = if self.random_fully {
+            " --random-fully"
+        } else {
+            ""
+        };
+        let mut nat = format!(":{NAT_CHAIN} - [0:0]\n");
+        if r.ip_masq {
+            let c = NAT_CHAIN;
+            let _ = write!(
+                nat,
+                "-A {c} -m mark --mark 0x4000/0x4000 -m comment --comment \"overlayd: kube-proxy masquerades these\" -j RETURN\n\
+                 -A {c} -s {n} -d {n} -m comment --comment \"overlayd: pod to pod\" -j RETURN\n\
+                 -A {c} -s {n} ! -d 224.0.0.0/4 -m comment --comment \"overlayd: pods to outside\" -j MASQUERADE{rf}\n\
+                 -A {c} ! -s {n} -d {s} -m comment --comment \"overlayd: outside to local pods\" -j RETURN\n\
+                 -A {c} ! -s {n} -d {n} -m comment --comment \"overlayd: outside to remote pods\" -j MASQUERADE{rf}\n"
+            );
+        }
+        let fwd = format!(
+            ":{FWD_CHAIN} - [0:0]\n\
+             -A {FWD_CHAIN} -s {n} -m comment --comment \"overlayd: from pods\" -j ACCEPT\n\
+             -A {FWD_CHAIN} -d {n} -m comment --comment \"overlayd: to pods\" -j ACCEPT\n"
+        );
+        (nat, fwd)
+    }
+
+    async fn save(&self, table: &str) -> Result<String, DataplaneError> {
+        output(self.backend.save(), &["-t", table]).await
+    }
+
+    async fn restore(&self, input: &str) -> Result<(), DataplaneError> {
+        let program = self.backend.restore();
+        let mut child = Command::new(program)
+            .args(["--noflush", "--wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| DataplaneError::Iptables(format!("cannot run {program}: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .await
+                .map_err(|e| DataplaneError::Iptables(format!("writing to {program}: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| DataplaneError::Iptables(format!("{program}: {e}")))?;
+        if !out.status.success() {
+            return Err(DataplaneError::Iptables(format!(
+                "{program} rejected overlayd's rules: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Our chain's rules and the jumps to it, as `iptables-save` prints them now.
+    async fn current(&self) -> Result<(Vec<String>, Vec<String>), DataplaneError> {
+        let nat = self.save("nat").await?;
+        let filter = self.save("filter").await?;
+        let ours = |text: &str, chain: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with(&format!("-A {chain} ")) || l.ends_with(&format!("-j {chain}"))
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        Ok((ours(&nat, NAT_CHAIN), ours(&filter, FWD_CHAIN)))
+    }
+
+    /// Brings the rules to `r` if they differ (or were flushed). Returns whether it wrote anything.
+    pub async fn ensure(&self, r: &Rules) -> Result<bool, DataplaneError> {
+        let (nat_now, fwd_now) = self.current().await?;
+        let (nat, fwd) = self.chains_text(r);
+        let jumps =
+            |lines: &[String], jump: &str| lines.iter().filter(|l| l.as_str() == jump).count();
+        let body = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("-A"))
+                .map(str::to_string)
+                .collect()
+        };
+        let nat_rules_now: Vec<String> = nat_now
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {NAT_CHAIN} ")))
+            .cloned()
+            .collect();
+        let fwd_rules_now: Vec<String> = fwd_now
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {FWD_CHAIN} ")))
+            .cloned()
+            .collect();
+        let nat_ok = jumps(&nat_now, NAT_JUMP) == 1 && same_rules(&nat_rules_now, &body(&nat));
+        let fwd_ok = jumps(&fwd_now, FWD_JUMP) == 1 && same_rules(&fwd_rules_now, &body(&fwd));
+        if nat_ok && fwd_ok {
+            return Ok(false);
+        }
+        let mut input = String::from("*nat\n");
+        input.push_str(&nat);
+        input.push_str(&fix_jumps(&nat_now, NAT_JUMP));
+        input.push_str("COMMIT\n*filter\n");
+        input.push_str(&fwd);
+        input.push_str(&fix_jumps(&fwd_now, FWD_JUMP));
+        input.push_str("COMMIT\n");
+        self.restore(&input).await?;
+        if nat_rules_now.is_empty() && fwd_rules_now.is_empty() {
+            info!(backend = %self.backend, masquerade = r.ip_masq, "installed iptables rules");
+        } else {
+            warn!(backend = %self.backend, "iptables rules had drifted (flushed or edited); restored them");
+        }
+        Ok(true)
+    }
+
+    /// Removes our chains and the jumps to them. Missing ones are fine.
+    pub async fn remove(&self) -> Result<bool, DataplaneError> {
+        let (nat_now, fwd_now) = self.current().await?;
+        let nat_exists = self.save("nat").await?.lines().any(|l| {
+            l == format!(":{NAT_CHAIN} - [0:0]") || l.starts_with(&format!(":{NAT_CHAIN} "))
+        });
+        let fwd_exists = self
+            .save("filter")
+            .await?
+            .lines()
+            .any(|l| l.starts_with(&format!(":{FWD_CHAIN} ")));
+        if !nat_exists && !fwd_exists {
+            return Ok(false);
+        }
+        let mut input = String::from("*nat\n");
+        for j in nat_now
+            .iter()
+            .filter(|l| l.ends_with(&format!("-j {NAT_CHAIN}")))
+        {
+            input.push_str(&format!("-D{}\n", &j[2..]));
+        }
+        if nat_exists {
+            input.push_str(&format!(":{NAT_CHAIN} - [0:0]\n-X {NAT_CHAIN}\n"));
+        }
+        input.push_str("COMMIT\n*filter\n");
+        for j in fwd_now
+            .iter()
+            .filter(|l| l.ends_with(&format!("-j {FWD_CHAIN}")))
+        {
+            input.push_str(&format!("-D{}\n", &j[2..]));
+        }
+        if fwd_exists {
+            input.push_str(&format!(":{FWD_CHAIN} - [0:0]\n-X {FWD_CHAIN}\n"));
+        }
+        input.push_str("COMMIT\n");
+        self.restore(&input).await?;
+        Ok(true)
+    }
+}
+
+/// `iptables-save` prints what we wrote in its own canonical form; compare ignoring the order of
+/// matches within a rule, which is all it changes for our rules.
+fn same_rules(now: &[String], want: &[String]) -> bool {
+    let norm = |l: &String| {
+        let mut words: Vec<String> = l
+            .replace('"', "")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        words.sort();
+        words
+    };
+    now.len() == want.len() && now.iter().zip(want).all(|(a, b)| norm(a) == norm(b))
+}
+
+/// Restore input that leaves exactly one `jump` rule: adds it when missing, deletes duplicates.
+fn fix_jumps(lines: &[String], jump: &str) -> String {
+    let count = lines.iter().filter(|l| l.as_str() == jump).count();
+    match count {
+        0 => format!(
+            "{}\n",
+            jump.replacen("-A ", "-I ", 1).replacen(" -m", " 1 -m", 1)
+        ),
+        1 => String::new(),
+        n => (1..n).map(|_| format!("-D{}\n", &jump[2..])).collect(),
+    }
+}
+
+/// `--random-fully` needs iptables >= 1.6.2.
+fn supports_random_fully(version_output: &str) -> bool {
+    let v = version_output
+        .split_whitespace()
+        .find(|w| w.starts_with('v'))
+        .map(|w| w.trim_start_matches('v'))
+        .unwrap_or("");
+    let parts: Vec<u32> = v.split('.').filter_map(|p| p.parse().ok()).collect();
+    parts.as_slice() >= [1, 6, 2].as_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_fully_needs_1_6_2() {
+        assert!(supports_random_fully("iptables v1.8.9 (nf_tables)"));
+        assert!(supports_random_fully("iptables v1.6.2"));
+        assert!(!supports_random_fully("iptables v1.6.1"));
+        assert!(!supports_random_fully(""));
+    }
+
+    #[test]
+    fn jump_is_inserted_first_when_missing() {
+        assert_eq!(
+            fix_jumps(&[], NAT_JUMP),
+            "-I POSTROUTING 1 -m comment --comment \"overlayd: pod masquerade\" -j OVERLAY-POSTRTG\n"
+        );
+        let two = vec![NAT_JUMP.to_string(), NAT_JUMP.to_string()];
+        assert_eq!(
+            fix_jumps(&two, NAT_JUMP),
+            "-D POSTROUTING -m comment --comment \"overlayd: pod masquerade\" -j OVERLAY-POSTRTG\n"
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! Routes, ARP and FDB entries to every other node, reconciled against the kernel: whatever is
+//! missing or different is (re)written, whatever no lease explains is removed. Each pass dumps the
+//! kernel's tables once, so a route someone deleted comes back on the next pass.
+//!
+//! Per peer (flannel's vxlan design): ARP `<subnet>.0 → VtepMAC` on the VTEP, FDB `VtepMAC → PublicIP`
+//! on the VTEP, then the route `<subnet> via <subnet>.0 dev overlay.<VNI> onlink`. Written in that
+//! order so the route never points at an unresolvable next hop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, RouteMessageBuilder};
+use tracing::{debug, info};
+
+use super::DataplaneError;
+use crate::node::Mac;
+
+/// Marks routes overlayd owns (`proto 76` in `ip route`), so reconcile never touches anyone else's.
+pub const ROUTE_PROTOCOL: RouteProtocol = RouteProtocol::Other(76);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub subnet: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    pub mac: Mac,
+    /// Route straight to the peer's PublicIP over the underlay instead of the tunnel.
+    pub direct: bool,
+}
+
+impl Peer {
+    fn vtep_ip(&self) -> Ipv4Addr {
+        self.subnet.network()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Devices {
+    pub vtep: u32,
+    pub underlay: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub removed: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KernelRoute {
+    gateway: Option<Ipv4Addr>,
+    oif: Option<u32>,
+    onlink: bool,
+}
+
+pub async fn reconcile(
+    handle: &Handle,
+    dev: Devices,
+    peers: &[Peer],
+) -> Result<Changes, DataplaneError> {
+    let mut changes = Changes::default();
+    let tunneled: Vec<&Peer> = peers.iter().filter(|p| !p.direct).collect();
+
+    // ARP: <subnet>.0 → MAC on the VTEP.
+    let want_arp: BTreeMap<Ipv4Addr, Mac> = tunneled.iter().map(|p| (p.vtep_ip(), p.mac)).collect();
+    let have_arp = dump_neighbours(handle, dev.vtep, AddressFamily::Inet).await?;
+    let mut arp_ok = BTreeSet::new();
+    for (msg, ip, lladdr) in have_arp {
+        let Some(ip) = ip else { continue };
+        match want_arp.get(&ip) {
+            Some(mac)
+                if lladdr.as_deref() == Some(&mac.0[..])
+                    && msg.header.state == NeighbourState::Permanent =>
+            {
+                arp_ok.insert(ip);
+            }
+            Some(_) => {} // wrong MAC or state: replaced below
+            None if msg.header.state == NeighbourState::Permanent => {
+                delete_neighbour(handle, msg, &format!("ARP entry {ip}")).await?;
+                changes.removed += 1;
+            }
+            None => {}
+        }
+    }
+
+    // FDB: MAC → PublicIP on the VTEP (NTF_SELF: the VXLAN driver's own table).
+    let want_fdb: BTreeMap<Mac, Ipv4Addr> = tunneled.iter().map(|p| (p.mac, p.public_ip)).collect();
+    let have_fdb = dump_neighbours(handle, dev.vtep, AddressFamily::Bridge).await?;
+    let mut fdb_ok = BTreeSet::new();
+    for (msg, dst, lladdr) in have_fdb {
+        let Some(mac) = lladdr
+            .as_deref()
+            .and_then(|m| <[u8; 6]>::try_from(m).ok())
+            .map(Mac)
+        else {
+            continue;
+        };
+        // Entries without a remote are the kernel's own (e.g. the device's address); leave them.
+        let Some(dst) = dst else { continue };
+        match want_fdb.get(&mac) {
+            Some(ip) if *ip == dst => {
+                fdb_ok.insert(mac);
+            }
+            _ => {
+                delete_neighbour(handle, msg, &format!("FDB entry {mac} → {dst}")).await?;
+                changes.removed += 1;
+            }
+        }
+    }
+
+    // Routes: ours carry ROUTE_PROTOCOL.
+    let want_routes: BTreeMap<Ipv4Network, KernelRoute> = peers
+        .iter()
+        .map(|p| {
+            let r = if p.direct {
+                KernelRoute {
+                    gateway: Some(p.public_ip),
+                    oif: Some(dev.underlay),
+                    onlink: false,
+                }
+            } else {
+                KernelRoute {
+                    gateway: Some(p.vtep_ip()),
+                    oif: Some(dev.vtep),
+                    onlink: true,
+                }
+            };
+            (p.subnet, r)
+        })
+        .collect();
+    let mut routes_ok = BTreeSet::new();
+    let mut dump = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let mut stale_routes = Vec::new();
+    while let Some(r) = dump
+        .try_next()
+        .await
+        .map_err(|e| DataplaneError::netlink("listing routes", e))?
+    {
+        if r.header.protocol != ROUTE_PROTOCOL {
+            continue;
+        }
+        let (dst, have) = describe_route(&r);
+        match dst.and_then(|d| want_routes.get(&d).map(|w| (d, w))) {
+            Some((d, want)) if *want == have => {
+                routes_ok.insert(d);
+            }
+            _ => stale_routes.push(r),
+        }
+    }
+    for r in stale_routes {
+        let (dst, _) = describe_route(&r);
+        match handle.route().del(r).execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -3 => {} // ESRCH: already gone
+            Err(e) => {
+                return Err(DataplaneError::netlink(
+                    format!("removing route to {dst:?}"),
+                    e,
+                ))
+            }
+        }
+        info!("removed route to {dst:?}");
+        changes.removed += 1;
+    }
+
+    for p in peers {
+        if !p.direct {
+            if !arp_ok.contains(&p.vtep_ip()) {
+                handle
+                    .neighbours()
+                    .add(dev.vtep, IpAddr::V4(p.vtep_ip()))
+                    .link_layer_address(&p.mac.0)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        DataplaneError::netlink(format!("adding ARP entry for {}", p.subnet), e)
+                    })?;
+                changes.added += 1;
+            }
+            if !fdb_ok.contains(&p.mac) {
+                handle
+                    .neighbours()
+                    .add_bridge(dev.vtep, &p.mac.0)
+                    .destination(IpAddr::V4(p.public_ip))
+                    .flags(NeighbourFlags::Own)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        DataplaneError::netlink(format!("adding FDB entry for {}", p.subnet), e)
+                    })?;
+                changes.added += 1;
+            }
+        }
+        if !routes_ok.contains(&p.subnet) {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(p.subnet.network(), p.subnet.prefix())
+                .protocol(ROUTE_PROTOCOL)
+                .scope(RouteScope::Universe);
+            b = if p.direct {
+                b.gateway(p.public_ip).output_interface(dev.underlay)
+            } else {
+                b.gateway(p.vtep_ip()).output_interface(dev.vtep).onlink()
+            };
+            handle
+                .route()
+                .add(b.build())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| DataplaneError::netlink(format!("adding route to {}", p.subnet), e))?;
+            changes.added += 1;
+            info!(
+                subnet = %p.subnet,
+                public_ip = %p.public_ip,
+                vtep_mac = %p.mac,
+                direct = p.direct,
+                "programmed peer"
+            );
+        }
+    }
+    if changes != Changes::default() {
+        debug!(?changes, "peers reconciled");
+    }
+    Ok(changes)
+}
+
+fn describe_route(r: &RouteMessage) -> (Option<Ipv4Network>, KernelRoute) {
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                dst = Ipv4Network::new(*ip, r.header.destination_prefix_length).ok()
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let onlink = r.header.flags.contains(RouteFlags::Onlink);
+    (
+        dst,
+        KernelRoute {
+            gateway,
+            oif,
+            onlink,
+        },
+    )
+}
+
+type Neighbour = (NeighbourMessage, Option<Ipv4Addr>, Option<Vec<u8>>);
+
+async fn dump_neighbours(
+    handle: &Handle,
+    index: u32,
+    family: AddressFamily,
+) -> Result<Vec<Neighbour>, DataplaneError> {
+    let mut stream = handle
+        .neighbours()
+        .get()
+        .set_address_family(family)
+        .execute();
+    let mut out = Vec::new();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(|e| DataplaneError::netlink("listing neighbours", e))?
+    {
+        if msg.header.ifindex != index {
+            continue;
+        }
+        let mut ip = None;
+        let mut lladdr = None;
+        for a in &msg.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                NeighbourAttribute::LinkLayerAddress(m) => lladdr = Some(m.clone()),
+                _ => {}
+            }
+        }
+        out.push((msg, ip, lladdr));
+    }
+    Ok(out)
+}
+
+async fn delete_neighbour(
+    handle: &Handle,
+    msg: NeighbourMessage,
+    what: &str,
+) -> Result<(), DataplaneError> {
+    match handle.neighbours().del(msg).execute().await {
+        Ok(()) => {
+            info!("removed {what}");
+            Ok(())
+        }
+        // ENOENT: gone already.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -2 => Ok(()),
+        Err(e) => Err(DataplaneError::netlink(format!("removing {what}"), e)),
+    }
+}
