@@ -1,0 +1,434 @@
+//! End-to-end: real etcd, real `overlayd` daemons in node namespaces, pods made by the real
+//! `overlay` plugin, traffic across VXLAN. Needs root; run through scripts/test.sh (which builds
+//! the binaries first).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use overlay_testlab::lab::{Lab, DEFAULT_CONFIG, PREFIX};
+use overlay_testlab::{require_root, wait_for};
+
+fn three_nodes_two_pods() -> Lab {
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    for _ in 0..3 {
+        lab.add_node(&[]);
+    }
+    for i in 0..3 {
+        lab.add_pod(i);
+        lab.add_pod(i);
+    }
+    for from in 0..3 {
+        for to in 0..3 {
+            if from != to {
+                let s = lab.subnet(to).to_string();
+                lab.wait_route(from, &s, true, Duration::from_secs(10));
+            }
+        }
+    }
+    lab
+}
+
+#[test]
+fn full_mesh_pod_to_pod_across_three_nodes() {
+    if !require_root("full_mesh_pod_to_pod_across_three_nodes") {
+        return;
+    }
+    let lab = three_nodes_two_pods();
+    // Distinct subnets, each pod inside its node's subnet.
+    let subnets: std::collections::BTreeSet<_> = (0..3).map(|i| lab.subnet(i)).collect();
+    assert_eq!(subnets.len(), 3);
+    for (i, p) in lab.all_pods() {
+        assert!(
+            lab.subnet(i).contains(p.ip),
+            "{} outside {}",
+            p.ip,
+            lab.subnet(i)
+        );
+    }
+    let pods = lab.all_pods();
+    let mut failures = Vec::new();
+    for (_, a) in &pods {
+        for (_, b) in &pods {
+            if a.ip != b.ip && !a.ns.ping(&b.ip.to_string()) {
+                failures.push(format!("{} -> {}", a.ip, b.ip));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "unreachable pairs: {failures:?}");
+    // A pod reaches another node's underlay address (masqueraded on the way out of Network).
+    let pod = lab.pod(0, 0);
+    assert!(
+        pod.ns.ping(&lab.nodes[1].ip.to_string()),
+        "pod could not reach node1's underlay IP"
+    );
+    // And each node's VTEP, ARP and FDB entries say what DESIGN.md says.
+    let s1 = lab.subnet(1);
+    let route = lab.nodes[0].ns.ip_out(&["route", "show", &s1.to_string()]);
+    assert!(
+        route.contains(&format!("via {} dev overlay.1", s1.network())) && route.contains("onlink"),
+        "{route}"
+    );
+    let neigh = lab.nodes[0]
+        .ns
+        .ip_out(&["neigh", "show", "dev", "overlay.1"]);
+    assert!(
+        neigh.contains(&s1.network().to_string()) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
+    let fdb = overlay_testlab::lab::text(Command::new("bridge").args([
+        "-n",
+        &lab.nodes[0].ns.name,
+        "fdb",
+        "show",
+        "dev",
+        "overlay.1",
+    ]));
+    assert!(
+        fdb.contains(&format!("dst {} self permanent", lab.nodes[1].ip)),
+        "{fdb}"
+    );
+}
+
+#[test]
+fn fourth_node_joins_and_everyone_reaches_it() {
+    if !require_root("fourth_node_joins_and_everyone_reaches_it") {
+        return;
+    }
+    let mut lab = three_nodes_two_pods();
+    let start = Instant::now();
+    let n = lab.add_node(&[]);
+    let joined = start.elapsed();
+    let p = lab.add_pod(n);
+    let target = lab.pod(n, p).ip.to_string();
+    let mut converged = Duration::ZERO;
+    for i in 0..3 {
+        let pod = &lab.nodes[i].pods[0];
+        wait_for(
+            &format!("node{i}'s pod to reach the new node's pod"),
+            Duration::from_secs(10),
+            || pod.ns.ping(&target).then_some(()),
+        );
+        converged = converged.max(start.elapsed());
+    }
+    // Also the new pod reaches the old ones.
+    for (_, old) in lab.all_pods() {
+        if old.ip.to_string() != target {
+            assert!(
+                lab.pod(n, p).ns.ping(&old.ip.to_string()),
+                "new pod cannot reach {}",
+                old.ip
+            );
+        }
+    }
+    println!(
+        "convergence: node4 leased its subnet {:.0} ms after start; all existing pods reached its pod {:.0} ms after start",
+        joined.as_secs_f64() * 1000.0,
+        converged.as_secs_f64() * 1000.0
+    );
+}
+
+#[test]
+fn deleted_or_expired_lease_is_removed_from_every_peer() {
+    if !require_root("deleted_or_expired_lease_is_removed_from_every_peer") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    lab.add_node(&["--lease-ttl", "2s"]);
+    lab.add_node(&[]);
+    let s2 = lab.subnet(2);
+    let s3 = lab.subnet(3);
+    for i in [0, 1] {
+        lab.wait_route(i, &s2.to_string(), true, Duration::from_secs(10));
+        lab.wait_route(i, &s3.to_string(), true, Duration::from_secs(10));
+    }
+    let entries =
+        |lab: &Lab, i: usize, subnet: ipnetwork::Ipv4Network, node_ip: std::net::Ipv4Addr| {
+            let ns = &lab.nodes[i].ns;
+            let route = ns
+                .ip_out(&["route", "show", &subnet.to_string()])
+                .contains("via");
+            let arp = ns
+                .ip_out(&["neigh", "show", "dev", "overlay.1"])
+                .contains(&format!("{} ", subnet.network()));
+            let fdb = overlay_testlab::lab::text(Command::new("bridge").args([
+                "-n",
+                &ns.name,
+                "fdb",
+                "show",
+                "dev",
+                "overlay.1",
+            ]))
+            .contains(&format!("dst {node_ip} "));
+            (route, arp, fdb)
+        };
+    // Deleted by an operator: node3's key goes, peers drop its entries (node3's daemon is stopped
+    // first so it does not put its key back).
+    lab.stop_daemon(3, "TERM");
+    let ip3 = lab.nodes[3].ip;
+    lab.etcd.ctl(&[
+        "del",
+        &format!("{PREFIX}/subnets/{}-{}", s3.network(), s3.prefix()),
+    ]);
+    for i in [0, 1] {
+        wait_for("node3's entries to go", Duration::from_secs(3), || {
+            (entries(&lab, i, s3, ip3) == (false, false, false)).then_some(())
+        });
+    }
+    // Expired: node2 (TTL 2s) dies without a word; its lease runs out, peers drop it.
+    let ip2 = lab.nodes[2].ip;
+    assert_eq!(entries(&lab, 0, s2, ip2), (true, true, true));
+    lab.stop_daemon(2, "KILL");
+    for i in [0, 1] {
+        wait_for(
+            "node2's entries to go after its lease expired",
+            Duration::from_secs(10),
+            || (entries(&lab, i, s2, ip2) == (false, false, false)).then_some(()),
+        );
+    }
+    // Nodes 0 and 1 still have each other.
+    let s1 = lab.subnet(1);
+    assert_eq!(entries(&lab, 0, s1, lab.nodes[1].ip), (true, true, true));
+}
+
+#[test]
+fn manually_deleted_route_neighbour_and_fdb_come_back_within_two_seconds() {
+    if !require_root("manually_deleted_route_neighbour_and_fdb_come_back_within_two_seconds") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let ns = &lab.nodes[0].ns;
+    let start = Instant::now();
+    ns.ip(&["route", "del", &s1]);
+    lab.wait_route(0, &s1, true, Duration::from_secs(2));
+    println!(
+        "route repaired after {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+
+    let vtep_ip = lab.subnet(1).network().to_string();
+    let start = Instant::now();
+    ns.ip(&["neigh", "del", &vtep_ip, "dev", "overlay.1"]);
+    wait_for("the ARP entry to come back", Duration::from_secs(2), || {
+        ns.ip_out(&["neigh", "show", "dev", "overlay.1"])
+            .contains(&vtep_ip)
+            .then_some(())
+    });
+    println!(
+        "ARP entry repaired after {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+
+    let fdb = || {
+        overlay_testlab::lab::text(Command::new("bridge").args([
+            "-n",
+            &ns.name,
+            "fdb",
+            "show",
+            "dev",
+            "overlay.1",
+        ]))
+    };
+    let line = fdb()
+        .lines()
+        .find(|l| l.contains("self permanent"))
+        .expect("an fdb entry")
+        .to_string();
+    let mac = line.split_whitespace().next().expect("mac").to_string();
+    let start = Instant::now();
+    overlay_testlab::run(Command::new("bridge").args([
+        "-n",
+        &ns.name,
+        "fdb",
+        "del",
+        &mac,
+        "dev",
+        "overlay.1",
+        "dst",
+        &lab.nodes[1].ip.to_string(),
+        "self",
+    ]));
+    wait_for("the FDB entry to come back", Duration::from_secs(2), || {
+        fdb().contains(&mac).then_some(())
+    });
+    println!(
+        "FDB entry repaired after {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+
+    // iptables flushed by someone: restored by the periodic check.
+    ns.ok("iptables", &["-t", "nat", "-F", "OVERLAY-POSTRTG"]);
+    wait_for(
+        "masquerade rules to come back",
+        Duration::from_secs(12),
+        || {
+            overlay_testlab::lab::text(&mut ns.cmd("iptables-save"))
+                .contains("-A OVERLAY-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4")
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn daemon_restart_under_continuous_ping_loses_nothing() {
+    if !require_root("daemon_restart_under_continuous_ping_loses_nothing") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    lab.add_pod(0);
+    lab.add_pod(1);
+    let s = lab.subnet(1).to_string();
+    lab.wait_route(0, &s, true, Duration::from_secs(10));
+    let subnets_before = (lab.subnet(0), lab.subnet(1));
+    let rules_before = overlay_testlab::lab::text(&mut lab.nodes[0].ns.cmd("iptables-save"));
+
+    // 20 packets/s for 6 s while both daemons restart.
+    let dst = lab.pod(1, 0).ip.to_string();
+    let ping = lab
+        .pod(0, 0)
+        .ns
+        .cmd("ping")
+        .args(["-i", "0.05", "-c", "120", "-W", "1", &dst])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_millis(800));
+    for i in [0, 1] {
+        lab.stop_daemon(i, "TERM");
+        std::thread::sleep(Duration::from_millis(300));
+        lab.start_daemon(i);
+    }
+    let out = ping.wait_with_output().expect("ping output");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let line = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("")
+        .to_string();
+    println!("ping during restarts: {line}");
+    assert!(
+        line.contains("120 packets transmitted, 120 received"),
+        "{summary}"
+    );
+    assert_eq!((lab.subnet(0), lab.subnet(1)), subnets_before);
+    assert!(lab.nodes[0]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .log_text()
+        .contains("this node's existing lease"));
+    let rules_after = overlay_testlab::lab::text(&mut lab.nodes[0].ns.cmd("iptables-save"));
+    let ours = |t: &str| {
+        let mut v: Vec<String> = t
+            .lines()
+            .filter(|l| l.contains("OVERLAY"))
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        ours(&rules_before),
+        ours(&rules_after),
+        "rules changed or duplicated"
+    );
+    assert_eq!(rules_after.matches("-j OVERLAY-POSTRTG").count(), 1);
+    assert_eq!(rules_after.matches("-j OVERLAY-FWD").count(), 1);
+}
+
+#[test]
+fn pod_mtu_is_underlay_minus_50_and_the_largest_df_ping_crosses() {
+    if !require_root("pod_mtu_is_underlay_minus_50_and_the_largest_df_ping_crosses") {
+        return;
+    }
+    let mut lab = Lab::with_mtu(DEFAULT_CONFIG, 9001);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    lab.add_pod(0);
+    lab.add_pod(1);
+    let s = lab.subnet(1).to_string();
+    lab.wait_route(0, &s, true, Duration::from_secs(10));
+    let mtu = 9001 - 50;
+    let link = lab.pod(0, 0).ns.ip_out(&["link", "show", "eth0"]);
+    assert!(link.contains(&format!("mtu {mtu} ")), "{link}");
+    let vtep = lab.nodes[0].ns.ip_out(&["link", "show", "overlay.1"]);
+    assert!(vtep.contains(&format!("mtu {mtu} ")), "{vtep}");
+    let dst = lab.pod(1, 0).ip.to_string();
+    let payload = (mtu - 28).to_string(); // minus IPv4 (20) and ICMP (8) headers
+    let fits = lab.pod(0, 0).ns.ok(
+        "ping",
+        &["-c", "1", "-W", "2", "-M", "do", "-s", &payload, &dst],
+    );
+    assert!(fits, "a {mtu}-byte DF packet did not cross");
+    let too_big = (mtu - 27).to_string();
+    let fails = lab.pod(0, 0).ns.ok(
+        "ping",
+        &["-c", "1", "-W", "1", "-M", "do", "-s", &too_big, &dst],
+    );
+    assert!(!fails, "a packet over the MTU with DF set must not cross");
+}
+
+#[test]
+fn direct_routing_skips_the_tunnel_on_one_l2_segment() {
+    if !require_root("direct_routing_skips_the_tunnel_on_one_l2_segment") {
+        return;
+    }
+    let mut lab =
+        Lab::new(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    lab.add_pod(0);
+    lab.add_pod(1);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let route = lab.nodes[0].ns.ip_out(&["route", "show", &s1]);
+    assert!(
+        route.contains(&format!("via {} dev eth0", lab.nodes[1].ip)),
+        "{route}"
+    );
+    assert!(lab.pod(0, 0).ns.ping(&lab.pod(1, 0).ip.to_string()));
+}
+
+#[test]
+fn uninstall_removes_the_data_plane_and_is_idempotent() {
+    if !require_root("uninstall_removes_the_data_plane_and_is_idempotent") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    lab.stop_daemon(0, "TERM");
+    let ns = &lab.nodes[0].ns;
+    let uninstall = || {
+        let out = ns
+            .cmd(overlay_testlab::bin("overlayd").to_str().unwrap())
+            .arg("uninstall")
+            .arg("--subnet-file")
+            .arg(&lab.nodes[0].subnet_file)
+            .output()
+            .expect("uninstall");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = uninstall();
+    assert!(
+        first.contains("removed link overlay.1") && first.contains("removed link cni0"),
+        "{first}"
+    );
+    assert!(!ns.ip_out(&["link"]).contains("overlay.1"));
+    assert!(!ns.ip_out(&["route"]).contains("10.244."));
+    assert!(!overlay_testlab::lab::text(&mut ns.cmd("iptables-save")).contains("OVERLAY"));
+    assert!(!lab.nodes[0].subnet_file.exists());
+    assert!(uninstall().contains("nothing of overlayd's is left"));
+    // The lease is kept: etcd still has node0's key.
+    assert_eq!(lab.etcd.keys(&format!("{PREFIX}/subnets/")).len(), 2);
+}
