@@ -171,7 +171,7 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
             v.push((Someone, vec!["addr", "add", a, "dev", link]));
         }
     }
-    let cmds: [(Owner, &str); 22] = [
+    let cmds: [(Owner, &str); 23] = [
         // The node's own routing, someone else's table and rules, a look-alike at priority 512.
         (Someone, "route add default via 192.168.10.1 dev eth0"),
         (Someone, "route add 10.99.5.5/32 dev eth0 scope link"),
@@ -192,6 +192,11 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
         (
             AwsNode,
             "rule add to 10.50.0.0/16 lookup main priority 1535",
+        ),
+        // Releases before 1.3.
+        (
+            AwsNode,
+            "rule add not to 192.168.0.0/16 lookup main priority 1024",
         ),
         // Per-ENI tables: eth1 → 2, eth2 → 3.
         (
@@ -514,13 +519,14 @@ fn dry_run_then_cleanup_then_nothing_left() {
         "would remove  table ip aws-cni (chains: nat-prerouting, snat-mark)",
         "would remove  1024: from all fwmark 0x80/0x80 lookup main",
         "would remove  1535: from all to 10.50.0.0/16 lookup main",
+        "would remove  1024: not from all to 192.168.0.0/16 lookup main",
         "would remove  1536: from 192.168.30.52/32 lookup 3",
         "would remove  512: from all to 192.168.10.50/32 lookup main",
         "would remove  192.168.20.51 dev eni3333bbbb4444 scope link",
         "would remove  default via 192.168.30.1 dev eth2 table 3",
         "would remove  default via 192.168.20.1 dev eth1 table 2",
-        "10-aws.conflist (moved to 10-aws.conflist.overlayd-bak)",
-        "ipam.json (moved to ipam.json.overlayd-bak)",
+        "10-aws.conflist -> 10-aws.conflist.overlayd-bak",
+        "aws-node/ipam.json -> ipam.json.overlayd-bak",
     ] {
         assert!(
             out.contains(needle),
@@ -680,4 +686,68 @@ fn refuses_while_ipamd_runs() {
     assert_eq!(dry.status.code(), Some(0), "{}", stdout(&dry));
     assert!(stdout(&dry).contains("is still running as pid"));
     assert!(stdout(&dry).contains("would remove"));
+}
+
+#[test]
+fn a_removal_that_fails_is_reported_and_the_rest_still_goes() {
+    if !require_root("a_removal_that_fails_is_reported_and_the_rest_still_goes") {
+        return;
+    }
+    let _guard = HOST_PROCESSES.read().unwrap_or_else(|e| e.into_inner());
+    let lab = Node::lab("awsf");
+    let control = Node::build("awsg", &[Owner::Someone]);
+    // A kube-proxy chain jumping into aws-node's last SNAT chain: the cleanup never touches
+    // KUBE-* chains, so that chain cannot be deleted and the nat transaction fails.
+    run(lab.ns.cmd("iptables-legacy").args([
+        "-t",
+        "nat",
+        "-A",
+        "KUBE-POSTROUTING",
+        "-j",
+        "AWS-SNAT-CHAIN-2",
+    ]));
+
+    let first = lab.cleanup(&[]);
+    assert_eq!(first.status.code(), Some(1), "{}", stdout(&first));
+    let out = stdout(&first);
+    assert!(
+        out.contains("FAILED        nat: chain AWS-SNAT-CHAIN-2"),
+        "{out}"
+    );
+    assert!(out.contains(", 1 FAILED; exit 1"), "{out}");
+    assert!(
+        out.contains("note: still referenced by `-A KUBE-POSTROUTING -j AWS-SNAT-CHAIN-2`"),
+        "the report says what keeps the chain: {out}"
+    );
+    assert!(
+        out.contains("removed       nat: chain AWS-SNAT-CHAIN-1"),
+        "{out}"
+    );
+
+    let after = lab.snapshot();
+    let want = control.snapshot();
+    // Everything else went: the nft backend, the nft table, rules, routes, files.
+    assert_eq!(after.iptables_nft, want.iptables_nft);
+    assert_eq!(after.nft_ruleset, want.nft_ruleset);
+    assert_eq!(after.ip_rules, want.ip_rules);
+    assert_eq!(after.routes, want.routes);
+    assert!(after.conf_dir.iter().all(|(n, _)| n != "10-aws.conflist"));
+    // In legacy, only the referenced chain is left (flushed), and kube-proxy's jump into it.
+    let aws_lines: Vec<&str> = after
+        .iptables_legacy
+        .lines()
+        .filter(|l| is_aws_line(l))
+        .collect();
+    assert_eq!(
+        aws_lines,
+        [
+            ":AWS-SNAT-CHAIN-2 - [0:0]",
+            "-A KUBE-POSTROUTING -j AWS-SNAT-CHAIN-2"
+        ]
+    );
+
+    // Still there on a second run, still reported, still exit 1.
+    let second = lab.cleanup(&[]);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(stdout(&second).contains("summary: 0 item(s) removed, 1 FAILED; exit 1"));
 }

@@ -76,18 +76,6 @@ enum Outcome {
     Failed,
 }
 
-impl Outcome {
-    fn label(self, dry_run: bool) -> &'static str {
-        match (self, dry_run) {
-            (Outcome::WouldRemove, _) => "would remove",
-            (Outcome::Removed, _) => "removed",
-            (Outcome::Kept, true) => "would keep",
-            (Outcome::Kept, false) => "kept",
-            (Outcome::Failed, _) => "FAILED",
-        }
-    }
-}
-
 /// Totals over the whole run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -114,6 +102,8 @@ impl Summary {
 /// One group of the report, printed as soon as it is done.
 struct Group<'a> {
     dry_run: bool,
+    /// How a removal reads: ("would remove", "removed"), or ("would move", "moved") for files.
+    verbs: (&'static str, &'static str),
     out: &'a mut dyn ReportSink,
     summary: &'a mut Summary,
     empty: bool,
@@ -129,6 +119,7 @@ impl<'a> Group<'a> {
         out.line(&format!("{title}:"));
         Group {
             dry_run,
+            verbs: ("would remove", "removed"),
             out,
             summary,
             empty: true,
@@ -149,8 +140,14 @@ impl<'a> Group<'a> {
                 self.summary.failed += 1;
             }
         }
-        self.out
-            .line(&format!("  {:<12}  {text}", outcome.label(self.dry_run)));
+        let label = match (outcome, self.dry_run) {
+            (Outcome::WouldRemove, _) => self.verbs.0,
+            (Outcome::Removed, _) => self.verbs.1,
+            (Outcome::Kept, true) => "would keep",
+            (Outcome::Kept, false) => "kept",
+            (Outcome::Failed, _) => "FAILED",
+        };
+        self.out.line(&format!("  {label:<12}  {text}"));
         for d in details {
             self.out.line(&format!("                  {d}"));
         }
@@ -289,14 +286,33 @@ async fn iptables_group(
         };
         for (item, result) in results {
             let text = format!("{}: {item}", table.table);
-            let details: Vec<String> = match &item {
-                IptablesItem::Chain(c) => c.rules.iter().map(|r| r.to_save_line()).collect(),
-                IptablesItem::Rule(_) => Vec::new(),
+            let (mut details, blockers): (Vec<String>, Vec<String>) = match &item {
+                IptablesItem::Chain(c) => (
+                    c.rules.iter().map(|r| r.to_save_line()).collect(),
+                    c.kept_references
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "note: still referenced by `{}`, which is left alone \
+                                 (KUBE-* chains are kube-proxy's); remove that jump first",
+                                r.to_save_line()
+                            )
+                        })
+                        .collect(),
+                ),
+                IptablesItem::Rule(_) => (Vec::new(), Vec::new()),
             };
             match result {
-                None => g.item(Outcome::WouldRemove, &text, &details),
+                None => {
+                    details.extend(blockers);
+                    g.item(Outcome::WouldRemove, &text, &details)
+                }
                 Some(Ok(())) => g.item(Outcome::Removed, &text, &details),
-                Some(Err(e)) => g.item(Outcome::Failed, &text, &[format!("error: {e}")]),
+                Some(Err(e)) => {
+                    let mut why = vec![format!("error: {e}")];
+                    why.extend(blockers);
+                    g.item(Outcome::Failed, &text, &why)
+                }
             }
         }
     }
@@ -380,10 +396,11 @@ async fn routing_groups(opts: &Options, out: &mut dyn ReportSink, summary: &mut 
 
 fn files_group(opts: &Options, out: &mut dyn ReportSink, summary: &mut Summary) {
     let mut g = Group::start("files", opts.dry_run, out, summary);
+    g.verbs = ("would move", "moved");
     match cni_files::find(&opts.cni_conf_dir, &opts.state_dir) {
         Ok(found) => {
             for m in &found.moves {
-                let text = format!("{} (moved to {})", m.from.display(), file_name(&m.to));
+                let text = format!("{} -> {}", m.from.display(), file_name(&m.to));
                 if opts.dry_run {
                     g.removal::<String>(&text, None);
                 } else {

@@ -3,6 +3,7 @@
 //!
 //! - 512  `from all to <podIP>/32 lookup main`               (per pod)
 //! - 1024 `from all fwmark <m>/<m> lookup main`               (NodePort return traffic; m = 0x80 by default)
+//! - 1024 `not from all to <VPC CIDR> lookup main`             (releases before 1.3)
 //! - 1535 `from all to <cidr> lookup main`                    (AWS_EXTERNAL_SERVICE_CIDRS)
 //! - 1536 `from <podIP>/32 [iif eni…] lookup <ENI table>`      (per pod on a secondary ENI)
 
@@ -24,10 +25,26 @@ const TABLE_LOCAL: u32 = 255;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AwsRule {
-    ToPod { pod: Ipv4Addr },
-    NodePortMark { mark: u32, mask: u32 },
-    ExternalService { cidr: Ipv4Addr, len: u8 },
-    FromPod { pod: Ipv4Addr, table: u32 },
+    ToPod {
+        pod: Ipv4Addr,
+    },
+    NodePortMark {
+        mark: u32,
+        mask: u32,
+    },
+    /// Releases before 1.3: everything not bound for the VPC looks up main.
+    NotToVpc {
+        cidr: Ipv4Addr,
+        len: u8,
+    },
+    ExternalService {
+        cidr: Ipv4Addr,
+        len: u8,
+    },
+    FromPod {
+        pod: Ipv4Addr,
+        table: u32,
+    },
 }
 
 impl AwsRule {
@@ -35,7 +52,9 @@ impl AwsRule {
     pub fn pod(&self) -> Option<Ipv4Addr> {
         match *self {
             AwsRule::ToPod { pod } | AwsRule::FromPod { pod, .. } => Some(pod),
-            AwsRule::NodePortMark { .. } | AwsRule::ExternalService { .. } => None,
+            AwsRule::NodePortMark { .. }
+            | AwsRule::NotToVpc { .. }
+            | AwsRule::ExternalService { .. } => None,
         }
     }
 }
@@ -48,6 +67,7 @@ struct Selectors {
     src: Option<Ipv4Addr>,
     dst: Option<Ipv4Addr>,
     iif: Option<String>,
+    invert: bool,
     fwmark: Option<u32>,
     fwmask: Option<u32>,
     /// Anything else that narrows or redirects the rule (oif, ports, uid range, goto, …).
@@ -57,7 +77,8 @@ struct Selectors {
 fn selectors(msg: &RuleMessage) -> Selectors {
     let mut s = Selectors {
         table: u32::from(msg.header.table),
-        other: msg.header.tos != 0 || msg.header.flags.contains(RuleFlags::Invert),
+        invert: msg.header.flags.contains(RuleFlags::Invert),
+        other: msg.header.tos != 0,
         ..Selectors::default()
     };
     for a in &msg.attributes {
@@ -96,6 +117,19 @@ pub fn classify(msg: &RuleMessage) -> Option<AwsRule> {
     }
     let (src_len, dst_len) = (msg.header.src_len, msg.header.dst_len);
     let no_mark = s.fwmark.unwrap_or(0) == 0;
+    if s.invert {
+        // The one inverted rule aws-node ever wrote.
+        let shape = s.priority == Some(NODEPORT_MARK_PRIORITY)
+            && s.table == TABLE_MAIN
+            && dst_len > 0
+            && src_len == 0
+            && s.iif.is_none()
+            && no_mark;
+        return shape.then_some(AwsRule::NotToVpc {
+            cidr: s.dst?,
+            len: dst_len,
+        });
+    }
     match s.priority? {
         TO_POD_PRIORITY
             if s.table == TABLE_MAIN
@@ -249,6 +283,25 @@ pub(crate) mod tests {
             classify(&rule(1536, 2, Some((POD, 32)), None, None)),
             Some(AwsRule::FromPod { pod: POD, table: 2 })
         );
+        let mut old = rule(
+            1024,
+            254,
+            None,
+            Some((Ipv4Addr::new(192, 168, 0, 0), 16)),
+            None,
+        );
+        old.header.flags = RuleFlags::Invert;
+        assert_eq!(
+            classify(&old),
+            Some(AwsRule::NotToVpc {
+                cidr: Ipv4Addr::new(192, 168, 0, 0),
+                len: 16
+            })
+        );
+        assert_eq!(
+            Described(&old).to_string(),
+            "1024: not from all to 192.168.0.0/16 lookup main"
+        );
     }
 
     #[test]
@@ -269,8 +322,17 @@ pub(crate) mod tests {
         // Other priorities.
         assert_eq!(classify(&rule(100, 254, None, Some((POD, 32)), None)), None);
         assert_eq!(classify(&rule(32766, 254, None, None, None)), None);
-        // An inverted rule.
+        // An inverted rule that is not the pre-1.3 VPC rule.
         let mut inv = rule(512, 254, None, Some((POD, 32)), None);
+        inv.header.flags = RuleFlags::Invert;
+        assert_eq!(classify(&inv), None);
+        let mut inv = rule(
+            1024,
+            100,
+            None,
+            Some((Ipv4Addr::new(10, 0, 0, 0), 16)),
+            None,
+        );
         inv.header.flags = RuleFlags::Invert;
         assert_eq!(classify(&inv), None);
         // A rule with an extra selector (uid range, ports, …).

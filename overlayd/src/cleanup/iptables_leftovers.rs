@@ -98,6 +98,8 @@ impl fmt::Display for Backend {
 pub struct AwsChain {
     pub name: String,
     pub rules: Vec<SavedRule>,
+    /// Rules that jump here and stay (they sit in KUBE-* chains): the chain cannot be deleted.
+    pub kept_references: Vec<SavedRule>,
 }
 
 /// One thing to remove from a table.
@@ -165,6 +167,13 @@ pub fn find(tables: &[SavedTable]) -> Vec<TableLeftovers> {
                     .rules
                     .iter()
                     .filter(|r| &r.chain == c)
+                    .cloned()
+                    .collect(),
+                kept_references: table
+                    .rules
+                    .iter()
+                    .filter(|r| r.chain.starts_with("KUBE-"))
+                    .filter(|r| r.target() == Some(c.as_str()))
                     .cloned()
                     .collect(),
             })
@@ -328,6 +337,7 @@ mod tests {
 -A AWS-SNAT-CHAIN-0 ! -d 192.168.0.0/16 -m comment --comment "AWS SNAT CHAIN" -j AWS-SNAT-CHAIN-1
 -A AWS-SNAT-CHAIN-1 ! -o vlan+ -m comment --comment "AWS, SNAT" -m addrtype ! --dst-type LOCAL -j SNAT --to-source 192.168.10.20 --random-fully
 -A KUBE-SERVICES -m comment --comment "AWS, SNAT" -j RETURN
+-A KUBE-SERVICES -j AWS-SNAT-CHAIN-1
 COMMIT
 *mangle
 :PREROUTING ACCEPT [0:0]
@@ -363,6 +373,18 @@ COMMIT
                 "chain AWS-SNAT-CHAIN-0 (1 rules)",
                 "chain AWS-SNAT-CHAIN-1 (1 rules)",
             ]
+        );
+        let IptablesItem::Chain(snat1) = &nat.items[5] else {
+            panic!("not a chain: {:?}", nat.items[5]);
+        };
+        assert_eq!(
+            snat1
+                .kept_references
+                .iter()
+                .map(|r| r.to_save_line())
+                .collect::<Vec<_>>(),
+            ["-A KUBE-SERVICES -j AWS-SNAT-CHAIN-1"],
+            "kube-proxy's rules stay, and are named as what keeps the chain"
         );
         let script = nat.restore_script();
         assert_eq!(
