@@ -159,7 +159,9 @@ pub async fn reconcile(
         }
     }
     for r in stale_routes {
-        let (dst, _) = describe_route(&r);
+        let dst = describe_route(&r)
+            .0
+            .map_or_else(|| "an unknown destination".to_string(), |d| d.to_string());
         match handle.route().del(r).execute().await {
             Ok(()) => {}
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -3 => {} // ESRCH: already gone
@@ -170,7 +172,7 @@ pub async fn reconcile(
                 ))
             }
         }
-        info!("removed route to {dst:?}");
+        info!("removed route to {dst}");
         changes.removed += 1;
     }
 
@@ -290,6 +292,10 @@ async fn dump_neighbours(
         for a in &msg.attributes {
             match a {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                // FDB entries (AF_BRIDGE) carry the remote's IPv4 address as raw bytes.
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                    ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                }
                 NeighbourAttribute::LinkLayerAddress(m) => lladdr = Some(m.clone()),
                 _ => {}
             }
