@@ -11,8 +11,22 @@ pub struct Etcd {
     pub endpoint: String,
     // Field order matters: the server stops before its data dir is removed.
     daemon: Daemon,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     netns: Option<String>,
+    args: Vec<String>,
+}
+
+fn spawn(netns: &Option<String>, args: &[String], dir: &tempfile::TempDir) -> Daemon {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(etcd_binary());
+            c
+        }
+        None => Command::new(etcd_binary()),
+    };
+    cmd.args(args);
+    Daemon::spawn("etcd", cmd, dir.path().join("etcd.log"))
 }
 
 fn etcd_binary() -> PathBuf {
@@ -37,38 +51,53 @@ impl Etcd {
         let client = free_port(Ipv4Addr::LOCALHOST);
         let peer = free_port(Ipv4Addr::LOCALHOST);
         let endpoint = format!("http://{ip}:{client}");
-        let mut cmd = match netns {
-            Some(ns) => ns.cmd(etcd_binary().to_str().expect("utf8 path")),
-            None => Command::new(etcd_binary()),
-        };
-        cmd.arg("--name")
-            .arg("lab")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&endpoint)
-            .arg("--advertise-client-urls")
-            .arg(&endpoint)
-            .arg("--listen-peer-urls")
-            .arg(format!("http://{ip}:{peer}"))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://{ip}:{peer}"))
-            .arg("--initial-cluster")
-            .arg(format!("lab=http://{ip}:{peer}"))
-            .arg("--log-level")
-            .arg("warn");
-        let log = dir.path().join("etcd.log");
-        let daemon = Daemon::spawn("etcd", cmd, log);
+        let args: Vec<String> = [
+            "--name".to_string(),
+            "lab".into(),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--listen-client-urls".into(),
+            endpoint.clone(),
+            "--advertise-client-urls".into(),
+            endpoint.clone(),
+            "--listen-peer-urls".into(),
+            format!("http://{ip}:{peer}"),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://{ip}:{peer}"),
+            "--initial-cluster".into(),
+            format!("lab=http://{ip}:{peer}"),
+            "--log-level".into(),
+            "warn".into(),
+        ]
+        .into();
+        let netns = netns.map(|n| n.name.clone());
+        let daemon = spawn(&netns, &args, &dir);
         let etcd = Etcd {
             endpoint,
             daemon,
-            _dir: dir,
-            netns: netns.map(|n| n.name.clone()),
+            dir,
+            netns,
+            args,
         };
-        wait_for("etcd to answer", Duration::from_secs(20), || {
-            etcd.try_ctl(&["endpoint", "health"]).ok().map(|_| ())
-        });
+        etcd.wait_healthy();
         etcd
+    }
+
+    fn wait_healthy(&self) {
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            self.try_ctl(&["endpoint", "health"]).ok().map(|_| ())
+        });
+    }
+
+    /// Stops the server (kill -9), keeping its data: an etcd outage.
+    pub fn stop(&mut self) {
+        self.daemon.signal("KILL");
+    }
+
+    /// Starts the server again on the same endpoint and data.
+    pub fn restart(&mut self) {
+        self.daemon = spawn(&self.netns, &self.args, &self.dir);
+        self.wait_healthy();
     }
 
     fn ctl_cmd(&self) -> Command {

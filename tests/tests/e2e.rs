@@ -432,3 +432,63 @@ fn uninstall_removes_the_data_plane_and_is_idempotent() {
     // The lease is kept: etcd still has node0's key.
     assert_eq!(lab.etcd.keys(&format!("{PREFIX}/subnets/")).len(), 2);
 }
+
+/// CPU time (user + system, in clock ticks of 10 ms) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+#[test]
+fn etcd_outage_leaves_the_data_plane_alone_and_the_watch_resumes() {
+    if !require_root("etcd_outage_leaves_the_data_plane_alone_and_the_watch_resumes") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    lab.add_pod(0);
+    lab.add_pod(1);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let pid = lab.nodes[0].daemon.as_ref().map(|d| d.pid()).unwrap();
+
+    lab.etcd.stop();
+    let before = cpu_ticks(pid);
+    let dst = lab.pod(1, 0).ip.to_string();
+    for _ in 0..5 {
+        assert!(
+            lab.pod(0, 0).ns.ping(&dst),
+            "pods lost each other while etcd was away"
+        );
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let used = cpu_ticks(pid) - before;
+    println!(
+        "overlayd CPU while etcd was away: {} ms over ~5 s",
+        used * 10
+    );
+    assert!(
+        used < 50,
+        "overlayd used {} ms of CPU in ~5 s while etcd was away",
+        used * 10
+    );
+    assert!(lab.nodes[0].daemon.as_mut().unwrap().is_running());
+    let log = lab.nodes[0].daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("lease watch lost") || log.contains("etcd closed the lease watch"),
+        "{log}"
+    );
+
+    lab.etcd.restart();
+    // The watch resumes: a node that joins after the outage is programmed on node0.
+    let n = lab.add_node(&[]);
+    let s = lab.subnet(n).to_string();
+    lab.wait_route(0, &s, true, Duration::from_secs(40));
+    let p = lab.add_pod(n);
+    assert!(lab.pod(0, 0).ns.ping(&lab.pod(n, p).ip.to_string()));
+}
