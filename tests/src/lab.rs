@@ -66,6 +66,16 @@ impl Lab {
 
     /// Adds node N (index returned) at 192.0.2.(10+N) and starts its daemon; waits for its lease.
     pub fn add_node(&mut self, extra_args: &[&str]) -> usize {
+        self.add_node_prepared(extra_args, |_| {})
+    }
+
+    /// Like [`Lab::add_node`], with `prepare` run in the new node's namespace before its daemon
+    /// starts (to dress the node up as one that already has other software's rules).
+    pub fn add_node_prepared(
+        &mut self,
+        extra_args: &[&str],
+        prepare: impl FnOnce(&Netns),
+    ) -> usize {
         let i = self.nodes.len();
         let ns = Netns::new("nd");
         let ip = Ipv4Addr::new(192, 0, 2, 10 + i as u8);
@@ -97,6 +107,7 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", &ETCD_IP.to_string()]);
+        prepare(&ns);
         let name = format!("node{i}");
         let node = LabNode {
             pods: Vec::new(),

@@ -492,3 +492,52 @@ fn etcd_outage_leaves_the_data_plane_alone_and_the_watch_resumes() {
     let p = lab.add_pod(n);
     assert!(lab.pod(0, 0).ns.ping(&lab.pod(n, p).ip.to_string()));
 }
+
+#[test]
+fn iptables_backend_follows_kubelet_like_kube_proxy_does() {
+    if !require_root("iptables_backend_follows_kubelet_like_kube_proxy_does") {
+        return;
+    }
+    let save =
+        |ns: &overlay_testlab::Netns, tool: &str| overlay_testlab::lab::text(&mut ns.cmd(tool));
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    // Node 0: kubelet left its canary in the legacy tables, so kube-proxy would use legacy.
+    let legacy = lab.add_node_prepared(&[], |ns| {
+        assert!(ns.ok(
+            "iptables-legacy",
+            &["-t", "mangle", "-N", "KUBE-KUBELET-CANARY"]
+        ));
+    });
+    // Node 1: canary in nf_tables.
+    let nft = lab.add_node_prepared(&[], |ns| {
+        assert!(ns.ok(
+            "iptables-nft",
+            &["-t", "mangle", "-N", "KUBE-KUBELET-CANARY"]
+        ));
+    });
+    let (l, n) = (&lab.nodes[legacy].ns, &lab.nodes[nft].ns);
+    wait_for("rules on node0", Duration::from_secs(5), || {
+        save(l, "iptables-legacy-save")
+            .contains("OVERLAY-POSTRTG")
+            .then_some(())
+    });
+    assert!(
+        !save(l, "iptables-nft-save").contains("OVERLAY"),
+        "node0 wrote to the wrong backend"
+    );
+    wait_for("rules on node1", Duration::from_secs(5), || {
+        save(n, "iptables-nft-save")
+            .contains("OVERLAY-POSTRTG")
+            .then_some(())
+    });
+    assert!(
+        !save(n, "iptables-legacy-save").contains("OVERLAY"),
+        "node1 wrote to the wrong backend"
+    );
+    assert!(lab.nodes[legacy]
+        .daemon
+        .as_ref()
+        .unwrap()
+        .log_text()
+        .contains("backend=legacy"));
+}
