@@ -147,6 +147,8 @@ enum Owner {
 
 const LIVE_POD_A_LINK: &str = "eni1111aaaa2222";
 const LIVE_POD_B_LINK: &str = "eni3333bbbb4444";
+const LIVE_POD_E_LINK: &str = "eni5555cccc6666";
+const LIVE_POD_E_VLAN: &str = "vlan.eth.7";
 
 /// `ip` commands of the lab, in order. Links come first and exist in the control namespace too.
 /// Pod veths are named like aws-node names them (`eni` + 11 hex digits).
@@ -160,6 +162,8 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
         ("eth2", "eth2-peer", Some("192.168.30.40/24")),
         (LIVE_POD_A_LINK, "pod-a", None),
         (LIVE_POD_B_LINK, "pod-b", None),
+        (LIVE_POD_E_LINK, "pod-e", None),
+        (LIVE_POD_E_VLAN, "vlan7-peer", None),
     ] {
         v.push((
             Someone,
@@ -171,7 +175,7 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
             v.push((Someone, vec!["addr", "add", a, "dev", link]));
         }
     }
-    let cmds: [(Owner, &str); 23] = [
+    let cmds: &[(Owner, &str)] = &[
         // The node's own routing, someone else's table and rules, a look-alike at priority 512.
         (Someone, "route add default via 192.168.10.1 dev eth0"),
         (Someone, "route add 10.99.5.5/32 dev eth0 scope link"),
@@ -262,10 +266,35 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
             AwsNode,
             "rule add from 192.168.30.54/32 lookup 3 priority 1536",
         ),
+        // Security groups for pods, strict mode: live branch-ENI pod E (VLAN 7, table 107), stale
+        // pod F (VLAN 9, links gone, so its table lost its routes), and someone else's rule at 10.
+        (Someone, "rule add iif eth0 lookup 100 priority 10"),
+        (
+            AwsLivePod,
+            "route add 192.168.40.1/32 dev vlan.eth.7 scope link table 107",
+        ),
+        (
+            AwsLivePod,
+            "route add default via 192.168.40.1 dev vlan.eth.7 table 107",
+        ),
+        (
+            AwsLivePod,
+            "route add 192.168.40.61/32 dev eni5555cccc6666 scope link table 107",
+        ),
+        (AwsLivePod, "rule add iif vlan.eth.7 lookup 107 priority 10"),
+        (
+            AwsLivePod,
+            "rule add iif eni5555cccc6666 lookup 107 priority 10",
+        ),
+        (AwsNode, "rule add iif vlan.eth.9 lookup 109 priority 10"),
+        (
+            AwsNode,
+            "rule add iif eni7777dddd8888 lookup 109 priority 10",
+        ),
     ];
     v.extend(
-        cmds.into_iter()
-            .map(|(o, c)| (o, c.split_whitespace().collect())),
+        cmds.iter()
+            .map(|(o, c)| (*o, c.split_whitespace().collect())),
     );
     v
 }
@@ -520,6 +549,9 @@ fn dry_run_then_cleanup_then_nothing_left() {
         "would remove  1024: from all fwmark 0x80/0x80 lookup main",
         "would remove  1535: from all to 10.50.0.0/16 lookup main",
         "would remove  1024: not from all to 192.168.0.0/16 lookup main",
+        "would remove  10: from all iif vlan.eth.7 lookup 107",
+        "would remove  10: from all iif eni7777dddd8888 lookup 109",
+        "would remove  192.168.40.61 dev eni5555cccc6666 table 107 scope link",
         "would remove  1536: from 192.168.30.52/32 lookup 3",
         "would remove  512: from all to 192.168.10.50/32 lookup main",
         "would remove  192.168.20.51 dev eni3333bbbb4444 scope link",
@@ -630,10 +662,23 @@ fn keep_running_pods_keeps_live_pods_routing() {
     assert!(after
         .routes
         .contains("192.168.10.50 dev eni1111aaaa2222 scope link"));
+    assert!(after
+        .ip_rules
+        .contains("10:\tfrom all iif vlan.eth.7 lookup 107"));
+    assert!(after.ip_rules.contains("10:\tfrom all iif eth0 lookup 100"));
+    assert!(
+        !after.ip_rules.contains("vlan.eth.9"),
+        "stale branch-ENI pod F's rules go"
+    );
+    assert!(after
+        .routes
+        .contains("default via 192.168.40.1 dev vlan.eth.7 table 107"));
 
     // Once the pods are gone (their veths deleted), a plain run removes the rest.
     lab.ns.ip(&["link", "del", LIVE_POD_A_LINK]);
     lab.ns.ip(&["link", "del", LIVE_POD_B_LINK]);
+    lab.ns.ip(&["link", "del", LIVE_POD_E_LINK]);
+    lab.ns.ip(&["link", "del", LIVE_POD_E_VLAN]);
     let last = lab.cleanup(&["--keep-running-pods"]);
     assert_eq!(last.status.code(), Some(0));
     let done = lab.snapshot();
@@ -643,6 +688,8 @@ fn keep_running_pods_keeps_live_pods_routing() {
         done.ip_rules
     );
     assert!(!done.routes.contains("table 2"), "{}", done.routes);
+    assert!(!done.routes.contains("table 107"), "{}", done.routes);
+    assert!(!done.ip_rules.contains("lookup 107"), "{}", done.ip_rules);
     assert!(done.ip_rules.contains("from 10.99.0.0/16 lookup 100"));
 }
 

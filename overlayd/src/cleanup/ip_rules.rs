@@ -6,6 +6,8 @@
 //! - 1024 `not from all to <VPC CIDR> lookup main`             (releases before 1.3)
 //! - 1535 `from all to <cidr> lookup main`                    (AWS_EXTERNAL_SERVICE_CIDRS)
 //! - 1536 `from <podIP>/32 [iif eni…] lookup <ENI table>`      (per pod on a secondary ENI)
+//! - 10   `from all iif vlan.eth.<id> lookup <100+id>` and `from all iif eni… lookup <100+id>`
+//!   (security groups for pods, strict mode: per branch-ENI pod)
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -18,12 +20,16 @@ pub const TO_POD_PRIORITY: u32 = 512;
 pub const NODEPORT_MARK_PRIORITY: u32 = 1024;
 pub const EXTERNAL_SERVICE_PRIORITY: u32 = 1535;
 pub const FROM_POD_PRIORITY: u32 = 1536;
+pub const BRANCH_ENI_PRIORITY: u32 = 10;
+/// aws-node's names for a branch ENI's VLAN link (`vlan.eth.<id>`) and a pod's host veth.
+const BRANCH_VLAN_PREFIX: &str = "vlan.eth.";
+const VETH_PREFIX: &str = "eni";
 
 const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 const TABLE_DEFAULT: u32 = 253;
 const TABLE_LOCAL: u32 = 255;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AwsRule {
     ToPod {
         pod: Ipv4Addr,
@@ -45,6 +51,12 @@ pub enum AwsRule {
         pod: Ipv4Addr,
         table: u32,
     },
+    /// Security groups for pods (strict mode): traffic in from a branch ENI's VLAN or from the
+    /// pod's veth looks up the branch ENI's table.
+    BranchEniIif {
+        iif: String,
+        table: u32,
+    },
 }
 
 impl AwsRule {
@@ -54,7 +66,16 @@ impl AwsRule {
             AwsRule::ToPod { pod } | AwsRule::FromPod { pod, .. } => Some(pod),
             AwsRule::NodePortMark { .. }
             | AwsRule::NotToVpc { .. }
-            | AwsRule::ExternalService { .. } => None,
+            | AwsRule::ExternalService { .. }
+            | AwsRule::BranchEniIif { .. } => None,
+        }
+    }
+
+    /// The per-ENI table this rule sends traffic to, for rules that use one.
+    pub fn eni_table(&self) -> Option<u32> {
+        match *self {
+            AwsRule::FromPod { table, .. } | AwsRule::BranchEniIif { table, .. } => Some(table),
+            _ => None,
         }
     }
 }
@@ -164,12 +185,26 @@ pub fn classify(msg: &RuleMessage) -> Option<AwsRule> {
                 && src_len == 32
                 && dst_len == 0
                 && no_mark
-                && s.iif.as_deref().is_none_or(|i| i.starts_with("eni")) =>
+                && s.iif.as_deref().is_none_or(|i| i.starts_with(VETH_PREFIX)) =>
         {
             Some(AwsRule::FromPod {
                 pod: s.src?,
                 table: s.table,
             })
+        }
+        BRANCH_ENI_PRIORITY
+            if !matches!(s.table, 0 | TABLE_MAIN | TABLE_DEFAULT | TABLE_LOCAL)
+                && src_len == 0
+                && dst_len == 0
+                && no_mark =>
+        {
+            let iif = s.iif?;
+            (iif.starts_with(BRANCH_VLAN_PREFIX) || iif.starts_with(VETH_PREFIX)).then_some(
+                AwsRule::BranchEniIif {
+                    iif,
+                    table: s.table,
+                },
+            )
         }
         _ => None,
     }
@@ -282,6 +317,29 @@ pub(crate) mod tests {
         assert_eq!(
             classify(&rule(1536, 2, Some((POD, 32)), None, None)),
             Some(AwsRule::FromPod { pod: POD, table: 2 })
+        );
+        let mut vlan = rule(10, 107, None, None, None);
+        vlan.attributes
+            .push(RuleAttribute::Iifname("vlan.eth.7".into()));
+        assert_eq!(
+            classify(&vlan),
+            Some(AwsRule::BranchEniIif {
+                iif: "vlan.eth.7".into(),
+                table: 107
+            })
+        );
+        assert_eq!(
+            Described(&vlan).to_string(),
+            "10: from all iif vlan.eth.7 lookup 107"
+        );
+        let mut someone = rule(10, 107, None, None, None);
+        someone
+            .attributes
+            .push(RuleAttribute::Iifname("wg0".into()));
+        assert_eq!(
+            classify(&someone),
+            None,
+            "priority 10 from another interface"
         );
         let mut old = rule(
             1024,

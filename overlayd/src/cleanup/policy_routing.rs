@@ -252,6 +252,12 @@ pub fn plan(snap: &Snapshot, keep_running_pods: bool) -> Plan {
         live.get(&pod)
             .map(|dev| format!("pod {pod} still runs behind {dev}"))
     };
+    // Branch-ENI pods (security groups for pods, strict mode) are live while their links exist.
+    let live_links: BTreeSet<&str> = if keep_running_pods {
+        snap.links.values().map(String::as_str).collect()
+    } else {
+        BTreeSet::new()
+    };
 
     let mut out = Plan::default();
     // Tables that a rule staying behind still looks up.
@@ -262,11 +268,17 @@ pub fn plan(snap: &Snapshot, keep_running_pods: bool) -> Plan {
             tables_in_use.insert(ip_rules::table_of(msg));
             continue;
         };
-        let decision = match kind.pod().and_then(keep_reason) {
+        let reason = match &kind {
+            AwsRule::BranchEniIif { iif, .. } => live_links
+                .contains(iif.as_str())
+                .then(|| format!("branch-ENI pod link {iif} still exists")),
+            k => k.pod().and_then(keep_reason),
+        };
+        let decision = match reason {
             Some(reason) => Decision::Keep(reason),
             None => Decision::Remove,
         };
-        if let AwsRule::FromPod { table, .. } = kind {
+        if let Some(table) = kind.eni_table() {
             match decision {
                 Decision::Remove => aws_tables.insert(table),
                 Decision::Keep(_) => tables_in_use.insert(table),
