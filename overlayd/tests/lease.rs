@@ -521,3 +521,35 @@ fn full_network_reports_the_numbers() {
     etcd.ctl(&["del", &format!("{PREFIX}/subnets/10.9.0.8-30")]);
     d.wait_log("leased subnet 10.9.0.8/30", Duration::from_secs(40));
 }
+
+#[test]
+fn own_value_edited_by_someone_is_written_back() {
+    let etcd = Etcd::start();
+    etcd.put(&format!("{PREFIX}/config"), CONFIG);
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.0.34";
+    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
+    d.wait_log("leased subnet", Duration::from_secs(20));
+    let key = subnet_key(&leased_subnet(&d));
+    let original = etcd.get(&key).unwrap();
+    // Same PublicIP, wrong MAC: peers would send this node's traffic nowhere.
+    let lease_hex = {
+        let j: serde_json::Value =
+            serde_json::from_str(&etcd.ctl(&["get", &key, "-w", "json"])).unwrap();
+        format!("{:x}", j["kvs"][0]["lease"].as_i64().unwrap())
+    };
+    etcd.ctl(&[
+        "put",
+        "--lease",
+        &lease_hex,
+        &key,
+        &format!(r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}}}"#),
+    ]);
+    d.wait_log(
+        "was changed in etcd; writing it back",
+        Duration::from_secs(10),
+    );
+    wait_for("the value to be restored", Duration::from_secs(10), || {
+        (etcd.get(&key).as_deref() == Some(original.as_str())).then_some(())
+    });
+}

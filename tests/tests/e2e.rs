@@ -541,3 +541,59 @@ fn iptables_backend_follows_kubelet_like_kube_proxy_does() {
         .log_text()
         .contains("backend=legacy"));
 }
+
+#[test]
+fn a_peer_whose_public_ip_or_mac_changes_is_reprogrammed() {
+    if !require_root("a_peer_whose_public_ip_or_mac_changes_is_reprogrammed") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    let ns = &lab.nodes[0].ns;
+    // A peer written straight into etcd (as another node would after a re-IP or a new NIC).
+    let key = format!("{PREFIX}/subnets/10.244.250.0-24");
+    let value = |ip: &str, mac: &str| {
+        format!(
+            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+        )
+    };
+    let fdb = || {
+        overlay_testlab::lab::text(Command::new("bridge").args([
+            "-n",
+            &ns.name,
+            "fdb",
+            "show",
+            "dev",
+            "overlay.1",
+        ]))
+    };
+    lab.etcd
+        .put(&key, &value("192.0.2.201", "02:aa:00:00:00:01"));
+    wait_for("the peer to be programmed", Duration::from_secs(5), || {
+        fdb()
+            .contains("02:aa:00:00:00:01 dst 192.0.2.201")
+            .then_some(())
+    });
+    lab.etcd
+        .put(&key, &value("192.0.2.202", "02:aa:00:00:00:02"));
+    wait_for(
+        "the peer to be reprogrammed",
+        Duration::from_secs(5),
+        || {
+            let f = fdb();
+            let arp = ns.ip_out(&["neigh", "show", "dev", "overlay.1"]);
+            (f.contains("02:aa:00:00:00:02 dst 192.0.2.202")
+                && !f.contains("02:aa:00:00:00:01")
+                && arp.contains("10.244.250.0 lladdr 02:aa:00:00:00:02 PERMANENT"))
+            .then_some(())
+        },
+    );
+    let route = ns.ip_out(&["route", "show", "10.244.250.0/24"]);
+    assert!(route.contains("via 10.244.250.0 dev overlay.1"), "{route}");
+    // A lease of another backend is none of ours.
+    lab.etcd.put(
+        &key,
+        r#"{"PublicIP":"192.0.2.203","BackendType":"host-gw"}"#,
+    );
+    lab.wait_route(0, "10.244.250.0/24", false, Duration::from_secs(5));
+}

@@ -234,9 +234,13 @@ async fn supervise(
                     continue;
                 }
                 latest = set.clone();
-                let ours = set.leases.get(&subnet).and_then(|l| l.public_ip()) == Some(node.public_ip);
-                if !ours {
-                    warn!("this node's subnet key for {subnet} is gone or changed hands in etcd; putting it back");
+                let current = set.leases.get(&subnet);
+                let intact = current.and_then(|l| l.value.as_ref()) == Some(&req.value);
+                if !intact {
+                    match current.and_then(|l| l.public_ip()) {
+                        Some(ip) if ip == node.public_ip => warn!("this node's lease value for {subnet} was changed in etcd; writing it back"),
+                        _ => warn!("this node's subnet key for {subnet} is gone or changed hands in etcd; putting it back"),
+                    }
                     match reassert_until_done(reg, subnet, req).await {
                         Ok(a) => {
                             if a.lease_id != acquired.lease_id {
