@@ -798,3 +798,48 @@ fn a_removal_that_fails_is_reported_and_the_rest_still_goes() {
     assert_eq!(second.status.code(), Some(1));
     assert!(stdout(&second).contains("summary: 0 item(s) removed, 1 FAILED; exit 1"));
 }
+
+#[test]
+fn a_backend_whose_tools_are_missing_is_skipped_with_a_note() {
+    if !require_root("a_backend_whose_tools_are_missing_is_skipped_with_a_note") {
+        return;
+    }
+    let _guard = HOST_PROCESSES.read().unwrap_or_else(|e| e.into_inner());
+    let lab = Node::lab("awsm");
+    let before = lab.snapshot();
+    // An image that ships only the nf_tables flavour: PATH holds ip, nft and iptables-nft-*.
+    let bin = tempfile::tempdir().expect("tempdir");
+    for tool in ["ip", "nft", "iptables-nft-save", "iptables-nft-restore"] {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} is not installed"));
+        std::os::unix::fs::symlink(&found, bin.path().join(tool)).expect("symlink");
+    }
+    let out = lab
+        .ns
+        .cmd(OVERLAYD)
+        .env("PATH", bin.path())
+        .args(["cleanup", "aws-vpc-cni", "--cni-conf-dir"])
+        .arg(&lab.conf_dir)
+        .arg("--aws-node-state-dir")
+        .arg(&lab.state_dir)
+        .output()
+        .expect("run overlayd");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("iptables legacy:\n  note: iptables-legacy-save is not installed; skipped\n  nothing of aws-node's"),
+        "{text}"
+    );
+    let after = lab.snapshot();
+    assert_eq!(
+        after.iptables_legacy, before.iptables_legacy,
+        "legacy was left alone"
+    );
+    assert!(
+        !after.iptables_nft.contains("AWS"),
+        "the nft backend was cleaned"
+    );
+}

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use crate::cli::AwsCleanupArgs;
 
 use super::cni_files;
-use super::iptables_leftovers::{self, Backend, IptablesItem};
+use super::iptables_leftovers::{self, Backend, IptablesItem, Saved};
 use super::nft_table::{self, NftState};
 use super::policy_routing::{self, Decision, DescribedRoute};
 use super::{aws_node_process, ip_rules};
@@ -256,12 +256,9 @@ async fn iptables_group(
 ) {
     let mut g = Group::start(&format!("iptables {backend}"), opts.dry_run, out, summary);
     let tables = match iptables_leftovers::read(backend).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            g.note(&format!(
-                "{} is not installed; skipped",
-                backend.save_tool()
-            ));
+        Ok(Saved::Tables(t)) => t,
+        Ok(Saved::Unavailable(why)) => {
+            g.note(&format!("{why}; skipped"));
             return g.finish();
         }
         Err(e) => {
@@ -322,7 +319,7 @@ async fn iptables_group(
 async fn nft_group(opts: &Options, out: &mut dyn ReportSink, summary: &mut Summary) {
     let mut g = Group::start("nftables", opts.dry_run, out, summary);
     match nft_table::find().await {
-        Ok(NftState::ToolMissing) => g.note("nft is not installed; skipped"),
+        Ok(NftState::Unavailable(why)) => g.note(&format!("{why}; skipped")),
         Ok(NftState::Absent) => {}
         Ok(NftState::Present { listing }) => {
             let text = format!(

@@ -210,8 +210,21 @@ fn script(table: &str, items: &[IptablesItem]) -> String {
     s
 }
 
-/// Reads one backend. `Ok(None)` when its tools are not installed.
-pub async fn read(backend: Backend) -> Result<Option<Vec<SavedTable>>, IptablesError> {
+/// What reading a backend gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Saved {
+    Tables(Vec<SavedTable>),
+    /// The backend cannot hold anything here (tool not installed, or the kernel lacks it): why.
+    Unavailable(String),
+}
+
+/// True for the errors a kernel without the backend gives ("Protocol not supported", …).
+pub fn kernel_lacks_it(stderr: &str) -> bool {
+    stderr.to_ascii_lowercase().contains("not supported")
+}
+
+/// Reads one backend.
+pub async fn read(backend: Backend) -> Result<Saved, IptablesError> {
     let tool = backend.save_tool();
     let out = match Command::new(tool)
         .stdin(Stdio::null())
@@ -220,19 +233,27 @@ pub async fn read(backend: Backend) -> Result<Option<Vec<SavedTable>>, IptablesE
         .await
     {
         Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Saved::Unavailable(format!("{tool} is not installed")))
+        }
         Err(source) => return Err(IptablesError::Spawn { tool, source }),
     };
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if kernel_lacks_it(&stderr) {
+            return Ok(Saved::Unavailable(format!(
+                "the kernel does not support this backend ({tool}: {stderr})"
+            )));
+        }
         return Err(IptablesError::Failed {
             tool,
             status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            stderr,
         });
     }
     let text = String::from_utf8_lossy(&out.stdout);
     iptables_save::parse(&text)
-        .map(Some)
+        .map(Saved::Tables)
         .map_err(|source| IptablesError::Format { tool, source })
 }
 

@@ -24,8 +24,9 @@ pub enum NftError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NftState {
-    /// `nft` is not installed, so there is nothing it could have written either.
-    ToolMissing,
+    /// `nft` is not installed or the kernel has no nf_tables, so aws-node could not have written
+    /// the table either: why.
+    Unavailable(String),
     Absent,
     /// The table, as `nft list table` prints it.
     Present {
@@ -64,8 +65,17 @@ fn lists_table(tables: &str) -> bool {
 }
 
 pub async fn find() -> Result<NftState, NftError> {
-    let Some(tables) = nft(&["list", "tables", FAMILY]).await? else {
-        return Ok(NftState::ToolMissing);
+    let tables = match nft(&["list", "tables", FAMILY]).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(NftState::Unavailable("nft is not installed".into())),
+        Err(NftError::Failed { stderr, .. })
+            if super::iptables_leftovers::kernel_lacks_it(&stderr) =>
+        {
+            return Ok(NftState::Unavailable(format!(
+                "the kernel does not support nftables ({stderr})"
+            )))
+        }
+        Err(e) => return Err(e),
     };
     if !lists_table(&tables) {
         return Ok(NftState::Absent);
