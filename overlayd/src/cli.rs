@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Lease this node's subnet and keep the overlay data plane in shape (the DaemonSet's command).
     Run(RunArgs),
+    /// Show this node's subnet, its lease in etcd and whether every other node is routed.
+    Status(StatusArgs),
     /// Give this node's subnet back (decommissioning): revoke the etcd lease, remove the subnet file.
     Release(ReleaseArgs),
     /// Remove overlayd's data plane from this node: VTEP, bridge, routes, iptables chains and the
@@ -115,6 +117,14 @@ pub struct RunArgs {
     /// Only lease the subnet and write the subnet file; leave the node's network alone.
     #[arg(long, env = "OVERLAYD_LEASE_ONLY")]
     pub lease_only: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => commands::run::run(args).await,
+            Command::Status(args) => commands::status::run(args).await,
             Command::Release(args) => commands::release::run(args).await,
             Command::Uninstall(args) => commands::uninstall::run(args).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await,

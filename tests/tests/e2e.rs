@@ -597,3 +597,44 @@ fn a_peer_whose_public_ip_or_mac_changes_is_reprogrammed() {
     );
     lab.wait_route(0, "10.244.250.0/24", false, Duration::from_secs(5));
 }
+
+#[test]
+fn status_reports_the_lease_and_every_peer_route() {
+    if !require_root("status_reports_the_lease_and_every_peer_route") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let status = |lab: &Lab| {
+        lab.nodes[0]
+            .ns
+            .cmd(overlay_testlab::bin("overlayd").to_str().unwrap())
+            .args(["status", "--etcd-endpoints", &lab.etcd.endpoint])
+            .arg("--subnet-file")
+            .arg(&lab.nodes[0].subnet_file)
+            .output()
+            .expect("status")
+    };
+    let out = status(&lab);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{} held by 192.0.2.10", lab.subnet(0))),
+        "{text}"
+    );
+    assert!(text.contains("s left"), "{text}");
+    assert!(
+        text.contains(&s1) && text.contains("node1") && text.contains("routed"),
+        "{text}"
+    );
+    // With the daemon stopped, a deleted route stays deleted and status says so.
+    lab.stop_daemon(0, "TERM");
+    lab.nodes[0].ns.ip(&["route", "del", &s1]);
+    let out = status(&lab);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("NO ROUTE"), "{text}");
+}

@@ -16,14 +16,15 @@ use rtnetlink::packet_route::route::RouteHeader;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::packet_route::AddressFamily;
 
+use super::pod_veth::VethNames;
+
 pub const TO_POD_PRIORITY: u32 = 512;
 pub const NODEPORT_MARK_PRIORITY: u32 = 1024;
 pub const EXTERNAL_SERVICE_PRIORITY: u32 = 1535;
 pub const FROM_POD_PRIORITY: u32 = 1536;
 pub const BRANCH_ENI_PRIORITY: u32 = 10;
-/// aws-node's names for a branch ENI's VLAN link (`vlan.eth.<id>`) and a pod's host veth.
+/// aws-node's name for a branch ENI's VLAN link: `vlan.eth.<id>`.
 const BRANCH_VLAN_PREFIX: &str = "vlan.eth.";
-const VETH_PREFIX: &str = "eni";
 
 const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 const TABLE_DEFAULT: u32 = 253;
@@ -128,7 +129,7 @@ pub fn table_of(msg: &RuleMessage) -> u32 {
 }
 
 /// aws-node's rule kind, or `None` when the rule is anyone else's.
-pub fn classify(msg: &RuleMessage) -> Option<AwsRule> {
+pub fn classify(msg: &RuleMessage, veths: &VethNames) -> Option<AwsRule> {
     if msg.header.family != AddressFamily::Inet || msg.header.action != RuleAction::ToTable {
         return None;
     }
@@ -185,7 +186,7 @@ pub fn classify(msg: &RuleMessage) -> Option<AwsRule> {
                 && src_len == 32
                 && dst_len == 0
                 && no_mark
-                && s.iif.as_deref().is_none_or(|i| i.starts_with(VETH_PREFIX)) =>
+                && s.iif.as_deref().is_none_or(|i| veths.is_pod_veth(i)) =>
         {
             Some(AwsRule::FromPod {
                 pod: s.src?,
@@ -199,7 +200,7 @@ pub fn classify(msg: &RuleMessage) -> Option<AwsRule> {
                 && no_mark =>
         {
             let iif = s.iif?;
-            (iif.starts_with(BRANCH_VLAN_PREFIX) || iif.starts_with(VETH_PREFIX)).then_some(
+            (iif.starts_with(BRANCH_VLAN_PREFIX) || veths.is_pod_veth(&iif)).then_some(
                 AwsRule::BranchEniIif {
                     iif,
                     table: s.table,
@@ -257,6 +258,10 @@ impl fmt::Display for Described<'_> {
 pub(crate) mod tests {
     use super::*;
 
+    fn classify_default(m: &RuleMessage) -> Option<AwsRule> {
+        classify(m, &VethNames::default())
+    }
+
     pub(crate) fn rule(
         priority: u32,
         table: u32,
@@ -291,18 +296,18 @@ pub(crate) mod tests {
     #[test]
     fn recognises_aws_node_rules() {
         assert_eq!(
-            classify(&rule(512, 254, None, Some((POD, 32)), None)),
+            classify_default(&rule(512, 254, None, Some((POD, 32)), None)),
             Some(AwsRule::ToPod { pod: POD })
         );
         assert_eq!(
-            classify(&rule(1024, 254, None, None, Some((0x80, 0x80)))),
+            classify_default(&rule(1024, 254, None, None, Some((0x80, 0x80)))),
             Some(AwsRule::NodePortMark {
                 mark: 0x80,
                 mask: 0x80
             })
         );
         assert_eq!(
-            classify(&rule(
+            classify_default(&rule(
                 1535,
                 254,
                 None,
@@ -315,14 +320,14 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(
-            classify(&rule(1536, 2, Some((POD, 32)), None, None)),
+            classify_default(&rule(1536, 2, Some((POD, 32)), None, None)),
             Some(AwsRule::FromPod { pod: POD, table: 2 })
         );
         let mut vlan = rule(10, 107, None, None, None);
         vlan.attributes
             .push(RuleAttribute::Iifname("vlan.eth.7".into()));
         assert_eq!(
-            classify(&vlan),
+            classify_default(&vlan),
             Some(AwsRule::BranchEniIif {
                 iif: "vlan.eth.7".into(),
                 table: 107
@@ -337,7 +342,7 @@ pub(crate) mod tests {
             .attributes
             .push(RuleAttribute::Iifname("wg0".into()));
         assert_eq!(
-            classify(&someone),
+            classify_default(&someone),
             None,
             "priority 10 from another interface"
         );
@@ -350,7 +355,7 @@ pub(crate) mod tests {
         );
         old.header.flags = RuleFlags::Invert;
         assert_eq!(
-            classify(&old),
+            classify_default(&old),
             Some(AwsRule::NotToVpc {
                 cidr: Ipv4Addr::new(192, 168, 0, 0),
                 len: 16
@@ -365,25 +370,25 @@ pub(crate) mod tests {
     #[test]
     fn leaves_look_alikes_alone() {
         // Same priorities, other shapes.
-        assert_eq!(classify(&rule(512, 100, None, Some((POD, 32)), None)), None);
-        assert_eq!(classify(&rule(512, 254, None, Some((POD, 24)), None)), None);
+        assert_eq!(classify_default(&rule(512, 100, None, Some((POD, 32)), None)), None);
+        assert_eq!(classify_default(&rule(512, 254, None, Some((POD, 24)), None)), None);
         assert_eq!(
-            classify(&rule(1024, 254, None, None, Some((0x4000, 0xc000)))),
+            classify_default(&rule(1024, 254, None, None, Some((0x4000, 0xc000)))),
             None
         );
-        assert_eq!(classify(&rule(1024, 254, None, None, None)), None);
+        assert_eq!(classify_default(&rule(1024, 254, None, None, None)), None);
         assert_eq!(
-            classify(&rule(1536, 254, Some((POD, 32)), None, None)),
+            classify_default(&rule(1536, 254, Some((POD, 32)), None, None)),
             None
         );
-        assert_eq!(classify(&rule(1536, 2, Some((POD, 24)), None, None)), None);
+        assert_eq!(classify_default(&rule(1536, 2, Some((POD, 24)), None, None)), None);
         // Other priorities.
-        assert_eq!(classify(&rule(100, 254, None, Some((POD, 32)), None)), None);
-        assert_eq!(classify(&rule(32766, 254, None, None, None)), None);
+        assert_eq!(classify_default(&rule(100, 254, None, Some((POD, 32)), None)), None);
+        assert_eq!(classify_default(&rule(32766, 254, None, None, None)), None);
         // An inverted rule that is not the pre-1.3 VPC rule.
         let mut inv = rule(512, 254, None, Some((POD, 32)), None);
         inv.header.flags = RuleFlags::Invert;
-        assert_eq!(classify(&inv), None);
+        assert_eq!(classify_default(&inv), None);
         let mut inv = rule(
             1024,
             100,
@@ -392,11 +397,11 @@ pub(crate) mod tests {
             None,
         );
         inv.header.flags = RuleFlags::Invert;
-        assert_eq!(classify(&inv), None);
+        assert_eq!(classify_default(&inv), None);
         // A rule with an extra selector (uid range, ports, …).
         let mut extra = rule(1536, 2, Some((POD, 32)), None, None);
         extra.attributes.push(RuleAttribute::Oifname("eth0".into()));
-        assert_eq!(classify(&extra), None);
+        assert_eq!(classify_default(&extra), None);
     }
 
     #[test]

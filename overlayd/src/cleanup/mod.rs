@@ -10,4 +10,5 @@ pub mod ip_rules;
 pub mod iptables_leftovers;
 pub mod iptables_save;
 pub mod nft_table;
+pub mod pod_veth;
 pub mod policy_routing;

@@ -24,9 +24,7 @@ use rtnetlink::{Handle, IpVersion};
 use thiserror::Error;
 
 use super::ip_rules::{self, AwsRule};
-
-/// aws-node's default host-side veth prefix (`AWS_VPC_K8S_CNI_VETHPREFIX`).
-pub const VETH_PREFIX: &str = "eni";
+use super::pod_veth::VethNames;
 
 const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 const RESERVED_TABLES: [u32; 4] = [0, 253, TABLE_MAIN, 255];
@@ -151,7 +149,11 @@ fn oif(msg: &RouteMessage) -> Option<u32> {
 }
 
 /// `<podIP> dev eni… scope link` in main: aws-node's route to a pod. Returns the pod IP and veth.
-pub fn pod_route(msg: &RouteMessage, links: &HashMap<u32, String>) -> Option<(Ipv4Addr, String)> {
+pub fn pod_route(
+    msg: &RouteMessage,
+    links: &HashMap<u32, String>,
+    veths: &VethNames,
+) -> Option<(Ipv4Addr, String)> {
     let h = &msg.header;
     if h.address_family != AddressFamily::Inet
         || route_table(msg) != TABLE_MAIN
@@ -163,7 +165,8 @@ pub fn pod_route(msg: &RouteMessage, links: &HashMap<u32, String>) -> Option<(Ip
         return None;
     }
     let dev = links.get(&oif(msg)?)?;
-    dev.starts_with(VETH_PREFIX)
+    veths
+        .is_pod_veth(dev)
         .then(|| destination(msg).map(|ip| (ip, dev.clone())))?
 }
 
@@ -238,12 +241,12 @@ pub struct Plan {
 }
 
 /// What goes and what stays (only aws-node's things appear in the plan).
-pub fn plan(snap: &Snapshot, keep_running_pods: bool) -> Plan {
+pub fn plan(snap: &Snapshot, keep_running_pods: bool, veths: &VethNames) -> Plan {
     // Pods whose veth still exists: their main-table route is still there.
     let live: BTreeMap<Ipv4Addr, String> = if keep_running_pods {
         snap.routes
             .iter()
-            .filter_map(|r| pod_route(r, &snap.links))
+            .filter_map(|r| pod_route(r, &snap.links, veths))
             .collect()
     } else {
         BTreeMap::new()
@@ -264,7 +267,7 @@ pub fn plan(snap: &Snapshot, keep_running_pods: bool) -> Plan {
     let mut tables_in_use: BTreeSet<u32> = BTreeSet::new();
     let mut aws_tables: BTreeSet<u32> = BTreeSet::new();
     for msg in &snap.rules {
-        let Some(kind) = ip_rules::classify(msg) else {
+        let Some(kind) = ip_rules::classify(msg, veths) else {
             tables_in_use.insert(ip_rules::table_of(msg));
             continue;
         };
@@ -308,7 +311,7 @@ pub fn plan(snap: &Snapshot, keep_running_pods: bool) -> Plan {
                 msg: msg.clone(),
                 decision,
             });
-        } else if let Some((pod, _)) = pod_route(msg, &snap.links) {
+        } else if let Some((pod, _)) = pod_route(msg, &snap.links, veths) {
             let decision = match keep_reason(pod) {
                 Some(reason) => Decision::Keep(reason),
                 None => Decision::Remove,
@@ -435,7 +438,7 @@ mod tests {
 
     #[test]
     fn everything_of_aws_node_goes_without_keep() {
-        let p = plan(&node(), false);
+        let p = plan(&node(), false, &VethNames::default());
         let (rules, routes) = removed(&p);
         assert_eq!(
             rules,
@@ -461,7 +464,7 @@ mod tests {
 
     #[test]
     fn running_pods_keep_their_rules_route_and_table() {
-        let p = plan(&node(), true);
+        let p = plan(&node(), true, &VethNames::default());
         let (rules, routes) = removed(&p);
         assert_eq!(
             rules,
@@ -490,7 +493,7 @@ mod tests {
             None,
             None,
         ));
-        let p = plan(&snap, false);
+        let p = plan(&snap, false, &VethNames::default());
         let (_, routes) = removed(&p);
         assert!(!routes.iter().any(|r| r.contains("table 3")), "{routes:?}");
     }

@@ -3,4 +3,5 @@
 pub mod cleanup;
 pub mod release;
 pub mod run;
+pub mod status;
 pub mod uninstall;

@@ -7,10 +7,9 @@ use anyhow::Context;
 use futures::TryStreamExt;
 use overlay_state::SubnetFile;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
-use rtnetlink::RouteMessageBuilder;
 
 use crate::cli::UninstallArgs;
-use crate::dataplane::{iptables::Iptables, links, peers::ROUTE_PROTOCOL};
+use crate::dataplane::{iptables::Iptables, links, peers};
 
 pub async fn run(args: UninstallArgs) -> anyhow::Result<ExitCode> {
     let (conn, handle, _) = rtnetlink::new_connection().context("cannot open a netlink socket")?;
@@ -18,18 +17,9 @@ pub async fn run(args: UninstallArgs) -> anyhow::Result<ExitCode> {
     let mut removed = Vec::new();
 
     // Direct-routing routes go via the underlay, so deleting the VTEP would not take them.
-    let mut routes = handle
-        .route()
-        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-        .execute();
-    let mut ours = Vec::new();
-    while let Some(r) = routes.try_next().await.context("listing routes")? {
-        if r.header.protocol == ROUTE_PROTOCOL {
-            ours.push(r);
-        }
-    }
+    let ours = peers::our_routes(&handle).await?;
     let n = ours.len();
-    for r in ours {
+    for (r, _, _) in ours {
         let _ = handle.route().del(r).execute().await;
     }
     if n > 0 {

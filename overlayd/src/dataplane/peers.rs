@@ -55,10 +55,10 @@ pub struct Changes {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct KernelRoute {
-    gateway: Option<Ipv4Addr>,
-    oif: Option<u32>,
-    onlink: bool,
+pub struct KernelRoute {
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
 }
 
 pub async fn reconcile(
@@ -137,20 +137,8 @@ pub async fn reconcile(
         })
         .collect();
     let mut routes_ok = BTreeSet::new();
-    let mut dump = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
     let mut stale_routes = Vec::new();
-    while let Some(r) = dump
-        .try_next()
-        .await
-        .map_err(|e| DataplaneError::netlink("listing routes", e))?
-    {
-        if r.header.protocol != ROUTE_PROTOCOL {
-            continue;
-        }
-        let (dst, have) = describe_route(&r);
+    for (r, dst, have) in our_routes(handle).await? {
         match dst.and_then(|d| want_routes.get(&d).map(|w| (d, w))) {
             Some((d, want)) if *want == have => {
                 routes_ok.insert(d);
@@ -239,6 +227,28 @@ pub async fn reconcile(
         debug!(?changes, "peers reconciled");
     }
     Ok(changes)
+}
+
+/// The routes overlayd owns (marked with [`ROUTE_PROTOCOL`]), with their destination and next hop.
+pub async fn our_routes(
+    handle: &Handle,
+) -> Result<Vec<(RouteMessage, Option<Ipv4Network>, KernelRoute)>, DataplaneError> {
+    let mut dump = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    let mut out = Vec::new();
+    while let Some(r) = dump
+        .try_next()
+        .await
+        .map_err(|e| DataplaneError::netlink("listing routes", e))?
+    {
+        if r.header.protocol == ROUTE_PROTOCOL {
+            let (dst, have) = describe_route(&r);
+            out.push((r, dst, have));
+        }
+    }
+    Ok(out)
 }
 
 fn describe_route(r: &RouteMessage) -> (Option<Ipv4Network>, KernelRoute) {
