@@ -145,9 +145,9 @@ enum Owner {
     AwsLivePod,
 }
 
-const LIVE_POD_A_LINK: &str = "eni1111aaaa2222";
-const LIVE_POD_B_LINK: &str = "eni3333bbbb4444";
-const LIVE_POD_E_LINK: &str = "eni5555cccc6666";
+const LIVE_POD_A_LINK: &str = "eni1111aaaa222";
+const LIVE_POD_B_LINK: &str = "eni3333bbbb444";
+const LIVE_POD_E_LINK: &str = "eni5555cccc666";
 const LIVE_POD_E_VLAN: &str = "vlan.eth.7";
 
 /// `ip` commands of the lab, in order. Links come first and exist in the control namespace too.
@@ -226,7 +226,7 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
         ),
         (
             AwsLivePod,
-            "route add 192.168.10.50/32 dev eni1111aaaa2222 scope link",
+            "route add 192.168.10.50/32 dev eni1111aaaa222 scope link",
         ),
         (
             AwsLivePod,
@@ -238,7 +238,7 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
         ),
         (
             AwsLivePod,
-            "route add 192.168.20.51/32 dev eni3333bbbb4444 scope link",
+            "route add 192.168.20.51/32 dev eni3333bbbb444 scope link",
         ),
         // Stale pods (their veths are gone, and with them their main-table routes): C on eth2, D on eth1.
         (
@@ -279,17 +279,17 @@ fn netlink_lab() -> Vec<(Owner, Vec<&'static str>)> {
         ),
         (
             AwsLivePod,
-            "route add 192.168.40.61/32 dev eni5555cccc6666 scope link table 107",
+            "route add 192.168.40.61/32 dev eni5555cccc666 scope link table 107",
         ),
         (AwsLivePod, "rule add iif vlan.eth.7 lookup 107 priority 10"),
         (
             AwsLivePod,
-            "rule add iif eni5555cccc6666 lookup 107 priority 10",
+            "rule add iif eni5555cccc666 lookup 107 priority 10",
         ),
         (AwsNode, "rule add iif vlan.eth.9 lookup 109 priority 10"),
         (
             AwsNode,
-            "rule add iif eni7777dddd8888 lookup 109 priority 10",
+            "rule add iif eni7777dddd888 lookup 109 priority 10",
         ),
     ];
     v.extend(
@@ -550,11 +550,11 @@ fn dry_run_then_cleanup_then_nothing_left() {
         "would remove  1535: from all to 10.50.0.0/16 lookup main",
         "would remove  1024: not from all to 192.168.0.0/16 lookup main",
         "would remove  10: from all iif vlan.eth.7 lookup 107",
-        "would remove  10: from all iif eni7777dddd8888 lookup 109",
-        "would remove  192.168.40.61 dev eni5555cccc6666 table 107 scope link",
+        "would remove  10: from all iif eni7777dddd888 lookup 109",
+        "would remove  192.168.40.61 dev eni5555cccc666 table 107 scope link",
         "would remove  1536: from 192.168.30.52/32 lookup 3",
         "would remove  512: from all to 192.168.10.50/32 lookup main",
-        "would remove  192.168.20.51 dev eni3333bbbb4444 scope link",
+        "would remove  192.168.20.51 dev eni3333bbbb444 scope link",
         "would remove  default via 192.168.30.1 dev eth2 table 3",
         "would remove  default via 192.168.20.1 dev eth1 table 2",
         "10-aws.conflist -> 10-aws.conflist.overlayd-bak",
@@ -630,7 +630,7 @@ fn keep_running_pods_keeps_live_pods_routing() {
     assert_eq!(dry.status.code(), Some(0));
     let out = stdout(&dry);
     assert!(
-        out.contains("would keep    512: from all to 192.168.20.51/32 lookup main  (pod 192.168.20.51 still runs behind eni3333bbbb4444)"),
+        out.contains("would keep    512: from all to 192.168.20.51/32 lookup main  (pod 192.168.20.51 still runs behind eni3333bbbb444)"),
         "{out}"
     );
     assert!(
@@ -661,7 +661,7 @@ fn keep_running_pods_keeps_live_pods_routing() {
         .contains("default via 192.168.20.1 dev eth1 table 2"));
     assert!(after
         .routes
-        .contains("192.168.10.50 dev eni1111aaaa2222 scope link"));
+        .contains("192.168.10.50 dev eni1111aaaa222 scope link"));
     assert!(after
         .ip_rules
         .contains("10:\tfrom all iif vlan.eth.7 lookup 107"));
@@ -842,4 +842,44 @@ fn a_backend_whose_tools_are_missing_is_skipped_with_a_note() {
         !after.iptables_nft.contains("AWS"),
         "the nft backend was cleaned"
     );
+}
+
+#[test]
+fn a_custom_veth_prefix_is_read_from_the_conflist() {
+    if !require_root("a_custom_veth_prefix_is_read_from_the_conflist") {
+        return;
+    }
+    let _guard = HOST_PROCESSES.read().unwrap_or_else(|e| e.into_inner());
+    // A node whose aws-node ran with AWS_VPC_K8S_CNI_VETHPREFIX=abc.
+    let node = Node::build("awsv", &[Owner::Someone]);
+    let before = node.snapshot();
+    std::fs::write(
+        node.conf_dir.join("10-aws.conflist"),
+        AWS_CONFLIST.replace(r#""vethPrefix": "eni""#, r#""vethPrefix": "abc""#),
+    )
+    .expect("write");
+    for args in [
+        "link add abc0123456789a type veth peer name pod-v",
+        "link set pod-v up",
+        "link set abc0123456789a up",
+        "route add 192.168.50.5/32 dev abc0123456789a scope link",
+        "rule add to 192.168.50.5/32 lookup main priority 512",
+    ] {
+        node.ns.ip(&args.split_whitespace().collect::<Vec<_>>());
+    }
+
+    let dry = node.cleanup(&["--dry-run", "--keep-running-pods"]);
+    let out = stdout(&dry);
+    assert_eq!(dry.status.code(), Some(0), "{out}");
+    assert!(out.contains("aws-node named pod veths abc<hash>"), "{out}");
+    assert!(
+        out.contains("would keep    512: from all to 192.168.50.5/32 lookup main  (pod 192.168.50.5 still runs behind abc0123456789a)"),
+        "{out}"
+    );
+
+    let real = node.cleanup(&[]);
+    assert_eq!(real.status.code(), Some(0), "{}", stdout(&real));
+    let after = node.snapshot();
+    assert_eq!(after.ip_rules, before.ip_rules);
+    assert_eq!(after.routes, before.routes);
 }

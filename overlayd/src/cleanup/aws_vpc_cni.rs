@@ -19,6 +19,7 @@ use crate::cli::AwsCleanupArgs;
 use super::cni_files;
 use super::iptables_leftovers::{self, Backend, IptablesItem, Saved};
 use super::nft_table::{self, NftState};
+use super::pod_veth::{self, VethNames};
 use super::policy_routing::{self, Decision, DescribedRoute};
 use super::{aws_node_process, ip_rules};
 
@@ -215,11 +216,13 @@ pub async fn cleanup(opts: &Options, out: &mut dyn ReportSink) -> Summary {
         ));
     }
 
+    let veths = veth_names(&opts.cni_conf_dir, out);
+
     for backend in Backend::ALL {
         iptables_group(backend, opts, out, &mut summary).await;
     }
     nft_group(opts, out, &mut summary).await;
-    routing_groups(opts, out, &mut summary).await;
+    routing_groups(opts, &veths, out, &mut summary).await;
     files_group(opts, out, &mut summary);
 
     let verb = if opts.dry_run {
@@ -344,7 +347,12 @@ async fn nft_group(opts: &Options, out: &mut dyn ReportSink, summary: &mut Summa
     g.finish();
 }
 
-async fn routing_groups(opts: &Options, out: &mut dyn ReportSink, summary: &mut Summary) {
+async fn routing_groups(
+    opts: &Options,
+    veths: &VethNames,
+    out: &mut dyn ReportSink,
+    summary: &mut Summary,
+) {
     let snapshot = match policy_routing::connect() {
         Ok(handle) => policy_routing::read(&handle).await.map(|s| (handle, s)),
         Err(e) => Err(e),
@@ -360,7 +368,7 @@ async fn routing_groups(opts: &Options, out: &mut dyn ReportSink, summary: &mut 
             return;
         }
     };
-    let plan = policy_routing::plan(&snap, opts.keep_running_pods);
+    let plan = policy_routing::plan(&snap, opts.keep_running_pods, veths);
 
     let mut g = Group::start("ip rules", opts.dry_run, out, summary);
     for r in &plan.rules {
@@ -411,6 +419,32 @@ fn files_group(opts: &Options, out: &mut dyn ReportSink, summary: &mut Summary) 
         Err(e) => g.error(&e.to_string()),
     }
     g.finish();
+}
+
+/// How aws-node named pods' veths on this node (its `vethPrefix`), said out loud when not the default.
+fn veth_names(conf_dir: &Path, out: &mut dyn ReportSink) -> VethNames {
+    let Some((prefix, file)) = cni_files::aws_veth_prefix(conf_dir) else {
+        return VethNames::default();
+    };
+    match VethNames::new(&prefix) {
+        Ok(v) => {
+            if v.prefix() != pod_veth::DEFAULT_PREFIX {
+                out.line(&format!(
+                    "aws-node named pod veths {prefix}<hash> (vethPrefix in {})",
+                    file.display()
+                ));
+            }
+            v
+        }
+        Err(e) => {
+            out.line(&format!(
+                "note: {e} ({}); looking for {}<hash> veths",
+                file.display(),
+                pod_veth::DEFAULT_PREFIX
+            ));
+            VethNames::default()
+        }
+    }
 }
 
 fn file_name(p: &Path) -> String {

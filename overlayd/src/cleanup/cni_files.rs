@@ -116,6 +116,27 @@ pub fn find(conf_dir: &Path, state_dir: &Path) -> Result<FileLeftovers, FileErro
     Ok(out)
 }
 
+/// The `vethPrefix` aws-node was configured with, from `10-aws.conflist` or, once that has been
+/// moved aside, from its newest backup; with the file it came from.
+pub fn aws_veth_prefix(conf_dir: &Path) -> Option<(String, PathBuf)> {
+    let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = sorted_entries(conf_dir)
+        .ok()?
+        .into_iter()
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n == AWS_CONFLIST || n.starts_with(&format!("{AWS_CONFLIST}{BACKUP_SUFFIX}"))
+            })
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    // The live file first, then the newest backup.
+    candidates.sort_by_key(|(t, p)| (!p.ends_with(AWS_CONFLIST), std::cmp::Reverse(*t)));
+    candidates.into_iter().find_map(|(_, p)| {
+        let text = std::fs::read_to_string(&p).ok()?;
+        super::pod_veth::prefix_in_conflist(&text).map(|prefix| (prefix, p))
+    })
+}
+
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, FileError> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -201,6 +222,32 @@ mod tests {
         }
         let again = find(c, state.path()).expect("find");
         assert!(again.moves.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn veth_prefix_from_the_conflist_or_its_backup() {
+        let conf = tempfile::tempdir().expect("tempdir");
+        let c = conf.path();
+        assert_eq!(aws_veth_prefix(c), None);
+        std::fs::write(
+            c.join("10-aws.conflist.overlayd-bak"),
+            r#"{"plugins":[{"type":"aws-cni","vethPrefix":"old"}]}"#,
+        )
+        .expect("w");
+        assert_eq!(
+            aws_veth_prefix(c),
+            Some(("old".to_string(), c.join("10-aws.conflist.overlayd-bak")))
+        );
+        std::fs::write(
+            c.join(AWS_CONFLIST),
+            r#"{"plugins":[{"type":"aws-cni","vethPrefix":"new"}]}"#,
+        )
+        .expect("w");
+        assert_eq!(
+            aws_veth_prefix(c).map(|(p, _)| p).as_deref(),
+            Some("new"),
+            "the live file wins"
+        );
     }
 
     #[test]

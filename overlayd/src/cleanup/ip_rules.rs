@@ -370,8 +370,14 @@ pub(crate) mod tests {
     #[test]
     fn leaves_look_alikes_alone() {
         // Same priorities, other shapes.
-        assert_eq!(classify_default(&rule(512, 100, None, Some((POD, 32)), None)), None);
-        assert_eq!(classify_default(&rule(512, 254, None, Some((POD, 24)), None)), None);
+        assert_eq!(
+            classify_default(&rule(512, 100, None, Some((POD, 32)), None)),
+            None
+        );
+        assert_eq!(
+            classify_default(&rule(512, 254, None, Some((POD, 24)), None)),
+            None
+        );
         assert_eq!(
             classify_default(&rule(1024, 254, None, None, Some((0x4000, 0xc000)))),
             None
@@ -381,9 +387,15 @@ pub(crate) mod tests {
             classify_default(&rule(1536, 254, Some((POD, 32)), None, None)),
             None
         );
-        assert_eq!(classify_default(&rule(1536, 2, Some((POD, 24)), None, None)), None);
+        assert_eq!(
+            classify_default(&rule(1536, 2, Some((POD, 24)), None, None)),
+            None
+        );
         // Other priorities.
-        assert_eq!(classify_default(&rule(100, 254, None, Some((POD, 32)), None)), None);
+        assert_eq!(
+            classify_default(&rule(100, 254, None, Some((POD, 32)), None)),
+            None
+        );
         assert_eq!(classify_default(&rule(32766, 254, None, None, None)), None);
         // An inverted rule that is not the pre-1.3 VPC rule.
         let mut inv = rule(512, 254, None, Some((POD, 32)), None);

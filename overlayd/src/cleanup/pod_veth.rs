@@ -93,7 +93,10 @@ mod tests {
     fn reads_the_prefix_from_the_conflist() {
         let conf = r#"{"plugins":[{"type":"aws-cni","vethPrefix":"xyz"},{"type":"portmap"}]}"#;
         assert_eq!(prefix_in_conflist(conf).as_deref(), Some("xyz"));
-        assert_eq!(prefix_in_conflist(r#"{"plugins":[{"type":"aws-cni"}]}"#), None);
+        assert_eq!(
+            prefix_in_conflist(r#"{"plugins":[{"type":"aws-cni"}]}"#),
+            None
+        );
         assert_eq!(prefix_in_conflist("not json"), None);
     }
 }
