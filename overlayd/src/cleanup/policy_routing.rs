@@ -1,13 +1,15 @@
 //! aws-node's policy routing, read and removed over netlink: its ip rules (see [`ip_rules`]), the
-//! routes of the per-ENI tables its `from <podIP>` rules point at, and the main-table routes
-//! `<podIP> dev eni<hash> scope link` to its pods.
+//! routes of the per-ENI (and branch-ENI) tables its rules point at, and the main-table routes
+//! `<podIP> dev eni<hash> scope link` to its pods (veth names: see [`super::pod_veth`]).
 //!
 //! Only tables that aws-node's rules reference are emptied, and only when no rule that stays
 //! (anyone else's, or a kept pod's) still uses them. The main, local and default tables are never
-//! emptied; from main, only the /32 link routes to `eni…` veths go.
+//! emptied; from main, only the /32 link routes to aws-node's pod veths go.
 //!
 //! With `keep_running_pods`, a pod whose host veth still exists (its main-table route is there, which
-//! the kernel removes with the veth) keeps its rules, its route, and the ENI table it uses.
+//! the kernel removes with the veth) keeps its rules, its route, and the ENI table it uses; a
+//! branch-ENI pod (security groups for pods, strict mode) keeps its `iif` rules while the interface
+//! they name exists. ENI tables no aws-node rule points at (an ENI with no pods) are left alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
