@@ -1,6 +1,7 @@
 //! aws-node's files: its CNI config `10-aws.conflist` (it sorts before most other CNIs' files, so the
-//! runtime keeps calling `aws-cni`, which dials the gone ipamd at 127.0.0.1:50051), and its state
-//! under `/var/run/aws-node/` (the ipamd checkpoint `ipam.json`, sockets, markers).
+//! runtime keeps calling `aws-cni`, which dials the gone ipamd at 127.0.0.1:50051), the `aws.conf`
+//! of very old releases (when it is an aws-cni config), and its state under `/var/run/aws-node/`
+//! (the ipamd checkpoint `ipam.json`, sockets, markers).
 //!
 //! Nothing is deleted: every file is renamed to `<name>.overlayd-bak` (`.overlayd-bak.<n>` if that is
 //! taken), a name container runtimes do not load (they read only `.conf`, `.conflist`, `.json`). The
@@ -14,6 +15,8 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub const AWS_CONFLIST: &str = "10-aws.conflist";
+/// What very old releases installed instead (later ones delete it at start).
+pub const OLD_AWS_CONF: &str = "aws.conf";
 pub const BACKUP_SUFFIX: &str = ".overlayd-bak";
 pub const DEFAULT_STATE_DIR: &str = "/var/run/aws-node";
 
@@ -85,6 +88,12 @@ pub fn find(conf_dir: &Path, state_dir: &Path) -> Result<FileLeftovers, FileErro
         let to = backup_name(&conflist, &exists);
         out.moves.push(Move { from: conflist, to });
     }
+    let old = conf_dir.join(OLD_AWS_CONF);
+    let old_is_aws = std::fs::read_to_string(&old).is_ok_and(|t| names_aws_cni(&t));
+    if old_is_aws {
+        let to = backup_name(&old, &exists);
+        out.moves.push(Move { from: old, to });
+    }
     for entry in sorted_entries(conf_dir)? {
         let Some(name) = entry.file_name().and_then(|n| n.to_str()) else {
             continue;
@@ -92,7 +101,7 @@ pub fn find(conf_dir: &Path, state_dir: &Path) -> Result<FileLeftovers, FileErro
         let loaded = [".conf", ".conflist", ".json"]
             .iter()
             .any(|e| name.ends_with(e));
-        if name == AWS_CONFLIST || !loaded {
+        if name == AWS_CONFLIST || (name == OLD_AWS_CONF && old_is_aws) || !loaded {
             continue;
         }
         if std::fs::read_to_string(&entry).is_ok_and(|t| names_aws_cni(&t)) {
@@ -193,6 +202,11 @@ mod tests {
         )
         .expect("w");
         std::fs::write(
+            c.join(OLD_AWS_CONF),
+            r#"{"name":"aws-cni","type":"aws-cni"}"#,
+        )
+        .expect("w");
+        std::fs::write(
             c.join("20-other.conflist"),
             r#"{"plugins":[{"type":"bridge"}]}"#,
         )
@@ -207,6 +221,10 @@ mod tests {
                 Move {
                     from: c.join(AWS_CONFLIST),
                     to: c.join("10-aws.conflist.overlayd-bak.1"),
+                },
+                Move {
+                    from: c.join(OLD_AWS_CONF),
+                    to: c.join("aws.conf.overlayd-bak"),
                 },
                 Move {
                     from: state.path().join("ipam.json"),
