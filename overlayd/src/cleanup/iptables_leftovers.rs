@@ -333,7 +333,33 @@ pub async fn remove(
         let r = restore(backend, &format!("*{table}\n-X {}\nCOMMIT\n", c.name)).await;
         results.push((IptablesItem::Chain(c.clone()), r));
     }
+    // Something else may have removed an item meanwhile: what is gone is not a failure.
+    if results.iter().any(|(_, r)| r.is_err()) {
+        if let Ok(Saved::Tables(now)) = read(backend).await {
+            let left = find(&now);
+            let still_there = |item: &IptablesItem| {
+                left.iter()
+                    .filter(|t| &t.table == table)
+                    .flat_map(|t| t.items.iter())
+                    .any(|i| same_item(i, item))
+            };
+            for (item, r) in results.iter_mut() {
+                if r.is_err() && !still_there(item) {
+                    *r = Ok(());
+                }
+            }
+        }
+    }
     results
+}
+
+/// The same rule, or the same chain (whatever it holds now).
+fn same_item(a: &IptablesItem, b: &IptablesItem) -> bool {
+    match (a, b) {
+        (IptablesItem::Rule(x), IptablesItem::Rule(y)) => x == y,
+        (IptablesItem::Chain(x), IptablesItem::Chain(y)) => x.name == y.name,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
