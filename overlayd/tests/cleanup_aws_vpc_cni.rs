@@ -2,10 +2,11 @@
 //!
 //! The lab writes aws-node's state the way the VPC CNI writes it (iptables in both backends: the older
 //! chained AWS-SNAT-CHAIN-0..2 style in legacy, the v1.16+ single-chain style in nft; the mangle
-//! CONNMARK rules; the v1.23+ nftables table `ip aws-cni`; ip rules 512/1024/1535/1536; per-ENI
+//! CONNMARK rules; the v1.23+ nftables table `ip aws-cni`; ip rules 512/1024/1535/1536, the pre-1.3
+//! `not to <VPC>` rule and the priority-10 rules of security groups for pods; per-ENI and branch-ENI
 //! tables; main-table routes to pods on `eni…` links; `10-aws.conflist`; `ipam.json`), next to things
-//! that are not aws-node's (kube-proxy's chains, an unrelated MASQUERADE and mangle rule, a look-alike
-//! ip rule, another table, another CNI's conflist).
+//! that are not aws-node's (kube-proxy's chains, an unrelated MASQUERADE and mangle rule, look-alike
+//! ip rules at priorities 10 and 512, another table, another CNI's conflist).
 //!
 //! Every test also builds a *control* namespace holding only what must survive, and compares the
 //! lab with it after the cleanup: `iptables-legacy-save`, `iptables-nft-save`, `nft list ruleset`,

@@ -18,7 +18,6 @@ pub const AWS_CONFLIST: &str = "10-aws.conflist";
 /// What very old releases installed instead (later ones delete it at start).
 pub const OLD_AWS_CONF: &str = "aws.conf";
 pub const BACKUP_SUFFIX: &str = ".overlayd-bak";
-pub const DEFAULT_STATE_DIR: &str = "/var/run/aws-node";
 
 #[derive(Debug, Error)]
 pub enum FileError {
