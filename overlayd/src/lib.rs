@@ -11,5 +11,6 @@ pub mod commands;
 pub mod config;
 pub mod dataplane;
 pub mod logging;
+pub mod netlink;
 pub mod node;
 pub mod registry;

@@ -11,6 +11,7 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteType};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::cli::NodeArgs;
+use crate::netlink;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -95,9 +96,11 @@ pub async fn discover(handle: &Handle, args: &NodeArgs, vni: u32) -> Result<Node
         Some(i) => i.clone(),
         None => default_route_iface(handle).await?,
     };
-    let (iface_index, iface_mtu) = link_by_name(handle, &iface)
+    let link = netlink::link_by_name(handle, &iface)
         .await?
         .ok_or_else(|| NodeError::NoSuchIface(iface.clone()))?;
+    let iface_index = link.header.index;
+    let iface_mtu = netlink::link_mtu(&link).unwrap_or(1500);
     let addrs = ipv4_addrs(handle, iface_index).await?;
     let public_ip = match args.public_ip {
         Some(ip) => ip,
@@ -126,27 +129,6 @@ pub async fn discover(handle: &Handle, args: &NodeArgs, vni: u32) -> Result<Node
         name,
         vtep_mac: Mac::for_vtep(public_ip, vni),
     })
-}
-
-pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<(u32, u32)>, NodeError> {
-    let mut links = handle.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => {
-            let mtu = msg
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    LinkAttribute::Mtu(m) => Some(*m),
-                    _ => None,
-                })
-                .unwrap_or(1500);
-            Ok(Some((msg.header.index, mtu)))
-        }
-        Ok(None) => Ok(None),
-        // ENODEV: the kernel's answer for a name it does not know.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }
 
 async fn default_route_iface(handle: &Handle) -> Result<String, NodeError> {

@@ -8,6 +8,23 @@ use std::time::{Duration, Instant};
 use overlay_testlab::lab::{Lab, DEFAULT_CONFIG, PREFIX};
 use overlay_testlab::{require_root, wait_for};
 
+/// Two nodes with `pods` pods each, routed to each other.
+fn two_nodes(config: &str, pods: usize) -> Lab {
+    let mut lab = Lab::new(config);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    for i in 0..2 {
+        for _ in 0..pods {
+            lab.add_pod(i);
+        }
+    }
+    for (from, to) in [(0, 1), (1, 0)] {
+        let s = lab.subnet(to).to_string();
+        lab.wait_route(from, &s, true, Duration::from_secs(10));
+    }
+    lab
+}
+
 fn three_nodes_two_pods() -> Lab {
     let mut lab = Lab::new(DEFAULT_CONFIG);
     for _ in 0..3 {
@@ -197,11 +214,8 @@ fn manually_deleted_route_neighbour_and_fdb_come_back_within_two_seconds() {
     if !require_root("manually_deleted_route_neighbour_and_fdb_come_back_within_two_seconds") {
         return;
     }
-    let mut lab = Lab::new(DEFAULT_CONFIG);
-    lab.add_node(&[]);
-    lab.add_node(&[]);
+    let lab = two_nodes(DEFAULT_CONFIG, 0);
     let s1 = lab.subnet(1).to_string();
-    lab.wait_route(0, &s1, true, Duration::from_secs(10));
     let ns = &lab.nodes[0].ns;
     let start = Instant::now();
     ns.ip(&["route", "del", &s1]);
@@ -279,13 +293,7 @@ fn daemon_restart_under_continuous_ping_loses_nothing() {
     if !require_root("daemon_restart_under_continuous_ping_loses_nothing") {
         return;
     }
-    let mut lab = Lab::new(DEFAULT_CONFIG);
-    lab.add_node(&[]);
-    lab.add_node(&[]);
-    lab.add_pod(0);
-    lab.add_pod(1);
-    let s = lab.subnet(1).to_string();
-    lab.wait_route(0, &s, true, Duration::from_secs(10));
+    let mut lab = two_nodes(DEFAULT_CONFIG, 1);
     let subnets_before = (lab.subnet(0), lab.subnet(1));
     let rules_before = overlay_testlab::lab::text(&mut lab.nodes[0].ns.cmd("iptables-save"));
 
@@ -401,11 +409,7 @@ fn uninstall_removes_the_data_plane_and_is_idempotent() {
     if !require_root("uninstall_removes_the_data_plane_and_is_idempotent") {
         return;
     }
-    let mut lab = Lab::new(DEFAULT_CONFIG);
-    lab.add_node(&[]);
-    lab.add_node(&[]);
-    let s1 = lab.subnet(1).to_string();
-    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let mut lab = two_nodes(DEFAULT_CONFIG, 0);
     lab.stop_daemon(0, "TERM");
     let ns = &lab.nodes[0].ns;
     let uninstall = || {
@@ -448,13 +452,7 @@ fn etcd_outage_leaves_the_data_plane_alone_and_the_watch_resumes() {
     if !require_root("etcd_outage_leaves_the_data_plane_alone_and_the_watch_resumes") {
         return;
     }
-    let mut lab = Lab::new(DEFAULT_CONFIG);
-    lab.add_node(&[]);
-    lab.add_node(&[]);
-    lab.add_pod(0);
-    lab.add_pod(1);
-    let s1 = lab.subnet(1).to_string();
-    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let mut lab = two_nodes(DEFAULT_CONFIG, 1);
     let pid = lab.nodes[0].daemon.as_ref().map(|d| d.pid()).unwrap();
 
     lab.etcd.stop();
@@ -603,11 +601,8 @@ fn status_reports_the_lease_and_every_peer_route() {
     if !require_root("status_reports_the_lease_and_every_peer_route") {
         return;
     }
-    let mut lab = Lab::new(DEFAULT_CONFIG);
-    lab.add_node(&[]);
-    lab.add_node(&[]);
+    let mut lab = two_nodes(DEFAULT_CONFIG, 0);
     let s1 = lab.subnet(1).to_string();
-    lab.wait_route(0, &s1, true, Duration::from_secs(10));
     let status = |lab: &Lab| {
         lab.nodes[0]
             .ns

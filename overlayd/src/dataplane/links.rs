@@ -14,6 +14,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan};
 use tracing::{info, warn};
 
 use super::DataplaneError;
+use crate::netlink;
 use crate::node::Mac;
 
 /// What the VTEP must look like.
@@ -38,17 +39,10 @@ pub struct BridgeSpec {
     pub gateway: Ipv4Network,
 }
 
-pub async fn link_by_name(
-    handle: &Handle,
-    name: &str,
-) -> Result<Option<LinkMessage>, DataplaneError> {
-    let mut links = handle.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(m) => Ok(m),
-        // ENODEV: no such device.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
-        Err(e) => Err(DataplaneError::netlink(format!("looking up {name}"), e)),
-    }
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
+    netlink::link_by_name(handle, name)
+        .await
+        .map_err(|e| DataplaneError::netlink(format!("looking up {name}"), e))
 }
 
 fn vxlan_info(msg: &LinkMessage) -> Option<&Vec<InfoVxlan>> {
@@ -67,13 +61,6 @@ fn kind(msg: &LinkMessage) -> Option<&InfoKind> {
             LinkInfo::Kind(k) => Some(k),
             _ => None,
         }),
-        _ => None,
-    })
-}
-
-fn mtu(msg: &LinkMessage) -> Option<u32> {
-    msg.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     })
 }
@@ -113,7 +100,10 @@ pub async fn ensure_vtep(handle: &Handle, spec: &VtepSpec) -> Result<u32, Datapl
         Some(msg) if vtep_matches(&msg, spec) => {
             let index = msg.header.index;
             let up = msg.header.flags.contains(LinkFlags::Up);
-            if mtu(&msg) != Some(spec.mtu) || mac(&msg) != Some(&spec.mac.0[..]) || !up {
+            if netlink::link_mtu(&msg) != Some(spec.mtu)
+                || mac(&msg) != Some(&spec.mac.0[..])
+                || !up
+            {
                 handle
                     .link()
                     .set(
@@ -186,7 +176,9 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
     let index = match link_by_name(handle, &spec.name).await? {
         Some(msg) if kind(&msg) == Some(&InfoKind::Bridge) => {
             let index = msg.header.index;
-            if mtu(&msg) != Some(spec.mtu) || !msg.header.flags.contains(LinkFlags::Up) {
+            if netlink::link_mtu(&msg) != Some(spec.mtu)
+                || !msg.header.flags.contains(LinkFlags::Up)
+            {
                 handle
                     .link()
                     .set(LinkUnspec::new_with_index(index).mtu(spec.mtu).up().build())
@@ -211,7 +203,7 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
             match add {
                 Ok(()) => info!(bridge = spec.name, mtu = spec.mtu, "created bridge"),
                 // The CNI plugin may have made it a moment ago.
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+                Err(e) if netlink::is_errno(&e, netlink::EEXIST) => {}
                 Err(e) => {
                     return Err(DataplaneError::netlink(
                         format!("creating bridge {}", spec.name),
@@ -276,7 +268,7 @@ async fn ensure_only_address(
             .await
         {
             Ok(()) => {}
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+            Err(e) if netlink::is_errno(&e, netlink::EEXIST) => {}
             Err(e) => {
                 return Err(DataplaneError::netlink(
                     format!("adding {want} to {name}"),

@@ -22,6 +22,7 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::{debug, info};
 
 use super::DataplaneError;
+use crate::netlink;
 use crate::node::Mac;
 
 /// Marks routes overlayd owns (`proto 76` in `ip route`), so reconcile never touches anyone else's.
@@ -152,7 +153,7 @@ pub async fn reconcile(
             .map_or_else(|| "an unknown destination".to_string(), |d| d.to_string());
         match handle.route().del(r).execute().await {
             Ok(()) => {}
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -3 => {} // ESRCH: already gone
+            Err(e) if netlink::is_errno(&e, netlink::ESRCH) => {} // already gone
             Err(e) => {
                 return Err(DataplaneError::netlink(
                     format!("removing route to {dst:?}"),
@@ -325,8 +326,7 @@ async fn delete_neighbour(
             info!("removed {what}");
             Ok(())
         }
-        // ENOENT: gone already.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -2 => Ok(()),
+        Err(e) if netlink::is_errno(&e, netlink::ENOENT) => Ok(()), // gone already
         Err(e) => Err(DataplaneError::netlink(format!("removing {what}"), e)),
     }
 }

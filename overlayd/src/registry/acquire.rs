@@ -95,11 +95,7 @@ pub async fn acquire(
     // Granted lazily and reused across lost races; revoked if we end up not using it.
     let mut granted: Option<i64> = None;
     let result = acquire_inner(reg, cfg, req, me, ttl_secs, &mut granted).await;
-    let used = result.as_ref().ok().and_then(|a| a.lease_id);
-    if let Some(id) = granted.filter(|g| Some(*g) != used) {
-        let mut c = reg.client();
-        let _ = reg.call(c.lease_revoke(id)).await;
-    }
+    revoke_unused(reg, granted, result.as_ref().ok()).await;
     result
 }
 
@@ -194,6 +190,16 @@ async fn acquire_inner(
         info!(subnet = %pick, "another node claimed this subnet first; picking again");
     }
     Err(AcquireError::Contended(MAX_ATTEMPTS))
+}
+
+/// A lease granted for a claim that did not end up using it would only expire after its TTL
+/// (a day by default); revoke it now. Best effort: etcd expires it anyway.
+async fn revoke_unused(reg: &Registry, granted: Option<i64>, won: Option<&Acquired>) {
+    let used = won.and_then(|a| a.lease_id);
+    if let Some(id) = granted.filter(|g| Some(*g) != used) {
+        let mut c = reg.client();
+        let _ = reg.call(c.lease_revoke(id)).await;
+    }
 }
 
 async fn grant(
@@ -311,11 +317,7 @@ pub async fn reassert(
     let ttl_secs = req.ttl.as_secs().max(1) as i64;
     let mut granted = None;
     let result = reassert_inner(reg, subnet, req, ttl_secs, &mut granted).await;
-    let used = result.as_ref().ok().and_then(|a| a.lease_id);
-    if let Some(id) = granted.filter(|g| Some(*g) != used) {
-        let mut c = reg.client();
-        let _ = reg.call(c.lease_revoke(id)).await;
-    }
+    revoke_unused(reg, granted, result.as_ref().ok()).await;
     result
 }
 
