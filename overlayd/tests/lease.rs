@@ -553,3 +553,125 @@ fn own_value_edited_by_someone_is_written_back() {
         (etcd.get(&key).as_deref() == Some(original.as_str())).then_some(())
     });
 }
+
+/// Runs the lease follower with its log captured; returns the receiver and the log.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+type Leases = tokio::sync::watch::Receiver<std::sync::Arc<registry::LeaseSet>>;
+
+fn follow_with_log(
+    rt: &tokio::runtime::Runtime,
+    etcd: &Etcd,
+    start: Option<registry::LeaseSet>,
+) -> (Leases, Log) {
+    use tracing::instrument::WithSubscriber;
+    let log: Log = Default::default();
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || LogSink(sink.clone()))
+        .finish();
+    let reg = rt
+        .block_on(Registry::connect(&etcd_args(&etcd.endpoint)))
+        .unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(registry::LeaseSet::default()));
+    rt.spawn(registry::watch::follow_from(reg, tx, start).with_subscriber(subscriber));
+    (rx, log)
+}
+
+fn wait_for_set(rt: &tokio::runtime::Runtime, rx: &mut Leases, want: &[&str], timeout: Duration) {
+    let subnets =
+        |rx: &Leases| -> Vec<String> { rx.borrow().leases.keys().map(|s| s.to_string()).collect() };
+    let deadline = Instant::now() + timeout;
+    while subnets(rx) != want {
+        assert!(
+            Instant::now() < deadline,
+            "lease set {:?}, expected {want:?}",
+            subnets(rx)
+        );
+        let _ = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), rx.changed()).await
+        });
+    }
+}
+
+const PEER: &str = r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#;
+
+fn key(s: &str) -> String {
+    format!("{PREFIX}/subnets/{s}")
+}
+
+#[test]
+fn lease_watch_resumes_after_an_etcd_outage() {
+    let mut etcd = Etcd::start();
+    etcd.put(&key("10.244.1.0-24"), PEER);
+    let rt = rt();
+    let (mut rx, log) = follow_with_log(&rt, &etcd, None);
+    wait_for_set(&rt, &mut rx, &["10.244.1.0/24"], Duration::from_secs(10));
+    etcd.put(&key("10.244.2.0-24"), PEER);
+    wait_for_set(
+        &rt,
+        &mut rx,
+        &["10.244.1.0/24", "10.244.2.0/24"],
+        Duration::from_secs(5),
+    );
+    etcd.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.restart();
+    etcd.ctl(&["del", &key("10.244.1.0-24")]);
+    etcd.put(&key("10.244.3.0-24"), PEER);
+    wait_for_set(
+        &rt,
+        &mut rx,
+        &["10.244.2.0/24", "10.244.3.0/24"],
+        Duration::from_secs(40),
+    );
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(text.contains("lease watch lost"), "{text}");
+    assert!(text.contains("resuming from revision"), "{text}");
+}
+
+#[test]
+fn lease_watch_lists_again_when_its_revision_was_compacted() {
+    let etcd = Etcd::start();
+    etcd.put(&key("10.244.1.0-24"), PEER);
+    etcd.put(&key("10.244.2.0-24"), PEER);
+    let rt = rt();
+    let stale = rt.block_on(async {
+        let reg = Registry::connect(&etcd_args(&etcd.endpoint)).await.unwrap();
+        reg.list_leases().await.unwrap()
+    });
+    // History moves on and is compacted past the listing's revision, as after a long outage.
+    etcd.ctl(&["del", &key("10.244.1.0-24")]);
+    etcd.put(&key("10.244.4.0-24"), PEER);
+    for i in 0..5 {
+        etcd.put("/unrelated/noise", &i.to_string());
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&etcd.ctl(&["endpoint", "status", "-w", "json"])).unwrap();
+    let rev = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+    etcd.ctl(&["compact", &rev.to_string()]);
+
+    let (mut rx, log) = follow_with_log(&rt, &etcd, Some(stale));
+    wait_for_set(
+        &rt,
+        &mut rx,
+        &["10.244.2.0/24", "10.244.4.0/24"],
+        Duration::from_secs(10),
+    );
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(text.contains("compacted past revision"), "{text}");
+}
+
+struct LogSink(Log);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -32,9 +32,23 @@ enum WatchEnd {
 
 /// Keeps `tx` equal to etcd's subnet keys until the receiver side is dropped.
 pub async fn follow(reg: Registry, tx: watch::Sender<Arc<LeaseSet>>) {
+    follow_from(reg, tx, None).await
+}
+
+/// [`follow`], starting from a listing taken earlier (`None`: list now). The watch starts at the
+/// revision after `start`'s; if etcd has compacted that history away, everything is listed again.
+pub async fn follow_from(
+    reg: Registry,
+    tx: watch::Sender<Arc<LeaseSet>>,
+    mut start: Option<LeaseSet>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     'resync: loop {
-        let mut set = match reg.list_leases().await {
+        let listed = match start.take() {
+            Some(s) => Ok(s),
+            None => reg.list_leases().await,
+        };
+        let mut set = match listed {
             Ok(s) => s,
             Err(e) => {
                 let wait = backoff.next_delay();
