@@ -1,0 +1,485 @@
+//! The node-local IPAM store of the `overlay` CNI plugin: which pod IPs of this node's subnet are
+//! taken, and by whom. The same layout as the reference `host-local` plugin's disk store:
+//!
+//! ```text
+//! <dataDir>/<network-name>/
+//!     lock                  flock(2)ed exclusively by whoever allocates or releases
+//!     last_reserved_ip      the IP handed out last; the next search starts after it
+//!     10.244.7.2            one file per allocated IP: "<container id>\n<ifname>\n"
+//!     10.244.7.3
+//! ```
+//!
+//! Crash safety (a plugin may be `kill -9`ed at any instruction):
+//! - An IP is taken exactly when a file with its name exists. That name is only ever created with
+//!   `link(2)` from a fully written temp file, which, like `O_EXCL`, fails if the name exists; so no
+//!   IP is handed out twice, and an IP file never holds half a key.
+//! - The flock is the kernel's: a killed holder releases it, nobody waits on a dead process.
+//! - Temp files left by a killed allocator are removed by the next one (only the lock holder writes
+//!   temp files, so any temp file seen under the lock is stale).
+//! - The worst a crash leaves is an IP file whose container never got its interface: a leak until
+//!   the runtime's DEL (same key) or GC (key not among the valid attachments) releases it. A
+//!   repeated ADD with the same key gets the same IP back.
+//!
+//! Files are not fsync'ed: the store must survive the death of a process, not of the machine (after
+//! a reboot every pod sandbox is new and the runtime's GC reconciles the store).
+//!
+//! Readers (metrics, `list`) need no lock: they see each IP file either absent or complete.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::Ipv4Network;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/overlay";
+const LOCK_FILE: &str = "lock";
+const LAST_RESERVED_FILE: &str = "last_reserved_ip";
+const TMP_PREFIX: &str = ".tmp.";
+
+/// Who holds an IP: the runtime's (container id, interface name) pair, as in CNI's GC attachments.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttachmentKey {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl AttachmentKey {
+    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
+        AttachmentKey {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        }
+    }
+
+    fn render(&self) -> String {
+        format!("{}\n{}\n", self.container_id, self.ifname)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        let container_id = lines.next()?.trim();
+        let ifname = lines.next()?.trim();
+        if container_id.is_empty() || ifname.is_empty() {
+            return None;
+        }
+        Some(AttachmentKey::new(container_id, ifname))
+    }
+}
+
+/// One allocated IP. `key` is `None` for a file whose content cannot be read as a key (written by
+/// something else, or damaged by a crash of the machine); such an IP stays taken until GC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    pub key: Option<AttachmentKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("IPAM store {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "subnet {subnet} is exhausted: {allocated} of {capacity} pod addresses are allocated \
+         (store {dir}); delete pods on this node, or run CNI GC to release leaked addresses"
+    )]
+    Exhausted {
+        subnet: Ipv4Network,
+        allocated: usize,
+        capacity: usize,
+        dir: PathBuf,
+    },
+    #[error("network name {0:?} cannot name an IPAM store directory")]
+    InvalidNetworkName(String),
+    #[error("subnet {0} has no addresses for pods (needs /30 or larger)")]
+    SubnetTooSmall(Ipv4Network),
+}
+
+/// The pod addresses of `subnet`: everything but the network address (the VTEP's `.0`), the gateway
+/// (`.1`, on the bridge) and the broadcast address.
+pub fn pod_range(subnet: Ipv4Network) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let net = u32::from(subnet.network());
+    let bcast = u32::from(subnet.broadcast());
+    let first = net.checked_add(2)?;
+    let last = bcast.checked_sub(1)?;
+    (subnet.prefix() <= 30 && first <= last).then(|| (Ipv4Addr::from(first), Ipv4Addr::from(last)))
+}
+
+/// How many pods `subnet` can hold.
+pub fn pod_capacity(subnet: Ipv4Network) -> usize {
+    pod_range(subnet)
+        .map(|(f, l)| (u32::from(l) - u32::from(f) + 1) as usize)
+        .unwrap_or(0)
+}
+
+/// The store of one CNI network (one directory).
+#[derive(Debug, Clone)]
+pub struct IpamStore {
+    dir: PathBuf,
+}
+
+/// Held while allocating or releasing; the flock goes with the file descriptor.
+pub struct StoreLock {
+    _file: File,
+}
+
+impl IpamStore {
+    /// The store of network `name` under `data_dir`. Touches nothing on disk.
+    pub fn new(data_dir: &Path, network_name: &str) -> Result<Self, IpamError> {
+        if !valid_network_name(network_name) {
+            return Err(IpamError::InvalidNetworkName(network_name.to_string()));
+        }
+        Ok(IpamStore {
+            dir: data_dir.join(network_name),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> IpamError {
+        let path = path.to_path_buf();
+        move |source| IpamError::Io { path, source }
+    }
+
+    /// Takes the store's exclusive lock, creating the directory if needed. Blocks while another
+    /// process holds it.
+    pub fn lock(&self) -> Result<StoreLock, IpamError> {
+        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        let path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(self.io(&path))?;
+        // flock(2): released by the kernel when the process dies, and the same lock the Go
+        // plugins take, should anyone point one at this directory.
+        #[allow(clippy::incompatible_msrv)]
+        file.lock().map_err(self.io(&path))?;
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Every allocation, sorted by IP. Needs no lock; an absent store is empty.
+    pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(&self.dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(self.io(&self.dir))?;
+            let name = entry.file_name();
+            let Some(ip) = name.to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            let path = entry.path();
+            let key = match fs::read_to_string(&path) {
+                Ok(text) => AttachmentKey::parse(&text),
+                // Released between listing and reading.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Not UTF-8 or unreadable: still taken, owner unknown.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => None,
+                Err(e) => return Err(self.io(&path)(e)),
+            };
+            out.push(Allocation { ip, key });
+        }
+        out.sort_by_key(|a| a.ip);
+        Ok(out)
+    }
+
+    /// The IP held by `key`, if any.
+    pub fn find(&self, key: &AttachmentKey) -> Result<Option<Ipv4Addr>, IpamError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|a| a.key.as_ref() == Some(key))
+            .map(|a| a.ip))
+    }
+
+    /// Allocates an IP of `subnet` for `key`, or returns the one `key` already holds. The search
+    /// starts after the IP reserved last, so a just-released IP is not handed out again at once
+    /// (a stale ARP entry or a lingering connection would reach the wrong pod).
+    pub fn allocate(
+        &self,
+        subnet: Ipv4Network,
+        key: &AttachmentKey,
+    ) -> Result<Ipv4Addr, IpamError> {
+        let (first, last) = pod_range(subnet).ok_or(IpamError::SubnetTooSmall(subnet))?;
+        let _lock = self.lock()?;
+        self.remove_stale_temp_files()?;
+        let current = self.list()?;
+        if let Some(a) = current.iter().find(|a| a.key.as_ref() == Some(key)) {
+            return Ok(a.ip);
+        }
+        let used: HashSet<u32> = current.iter().map(|a| u32::from(a.ip)).collect();
+        let (first, last) = (u32::from(first), u32::from(last));
+        let capacity = (last - first + 1) as usize;
+        let allocated = used
+            .iter()
+            .filter(|ip| (first..=last).contains(*ip))
+            .count();
+        let exhausted = || IpamError::Exhausted {
+            subnet,
+            allocated,
+            capacity,
+            dir: self.dir.clone(),
+        };
+        if allocated >= capacity {
+            return Err(exhausted());
+        }
+        let start = match self.last_reserved()? {
+            Some(ip) if (first..last).contains(&u32::from(ip)) => u32::from(ip) + 1,
+            _ => first,
+        };
+        let content = key.render();
+        for offset in 0..capacity as u32 {
+            let candidate = first + (start - first + offset) % capacity as u32;
+            if used.contains(&candidate) {
+                continue;
+            }
+            let ip = Ipv4Addr::from(candidate);
+            if self.create_exclusive(&ip.to_string(), content.as_bytes())? {
+                self.write_last_reserved(ip)?;
+                return Ok(ip);
+            }
+        }
+        Err(exhausted())
+    }
+
+    /// Releases every IP `key` holds (normally one). Returns them; none is not an error.
+    pub fn release(&self, key: &AttachmentKey) -> Result<Vec<Ipv4Addr>, IpamError> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let _lock = self.lock()?;
+        let mut released = Vec::new();
+        for a in self.list()? {
+            if a.key.as_ref() == Some(key) {
+                self.remove_ip_file(a.ip)?;
+                released.push(a.ip);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Releases every allocation whose key `keep` rejects (and those with no readable key).
+    /// Returns what it released.
+    pub fn gc(&self, keep: impl Fn(&AttachmentKey) -> bool) -> Result<Vec<Allocation>, IpamError> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let _lock = self.lock()?;
+        self.remove_stale_temp_files()?;
+        let mut released = Vec::new();
+        for a in self.list()? {
+            if a.key.as_ref().is_some_and(&keep) {
+                continue;
+            }
+            self.remove_ip_file(a.ip)?;
+            released.push(a);
+        }
+        Ok(released)
+    }
+
+    fn remove_ip_file(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+        let path = self.dir.join(ip.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(&path)(e)),
+        }
+    }
+
+    /// Creates `name` holding `content`, atomically and only if `name` does not exist yet:
+    /// write a temp file, then link(2) it to its name (EEXIST if taken). Returns false if taken.
+    fn create_exclusive(&self, name: &str, content: &[u8]) -> Result<bool, IpamError> {
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
+        let target = self.dir.join(name);
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(content)?;
+            drop(f);
+            match fs::hard_link(&tmp, &target) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        })();
+        let _ = fs::remove_file(&tmp);
+        result.map_err(self.io(&target))
+    }
+
+    fn last_reserved(&self) -> Result<Option<Ipv4Addr>, IpamError> {
+        let path = self.dir.join(LAST_RESERVED_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text.trim().parse().ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&path)(e)),
+        }
+    }
+
+    /// Temp + rename: a reader sees the old or the new IP, never a torn one. Only a hint for the
+    /// search, so losing it to a crash costs nothing but the search order.
+    fn write_last_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+        let path = self.dir.join(LAST_RESERVED_FILE);
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{LAST_RESERVED_FILE}.{}",
+            std::process::id()
+        ));
+        let result = fs::write(&tmp, format!("{ip}\n")).and_then(|()| fs::rename(&tmp, &path));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(self.io(&path))
+    }
+
+    /// Only the lock holder writes temp files, so under the lock every one is a killed
+    /// allocator's leftover.
+    fn remove_stale_temp_files(&self) -> Result<(), IpamError> {
+        let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(TMP_PREFIX))
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CNI network names are `[A-Za-z0-9][A-Za-z0-9_.-]*`; also what keeps one from escaping `dataDir`.
+pub fn valid_network_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    fn key(i: usize) -> AttachmentKey {
+        AttachmentKey::new(format!("c{i}"), "eth0")
+    }
+
+    #[test]
+    fn range_skips_network_gateway_and_broadcast() {
+        let (f, l) = pod_range(subnet("10.244.7.0/24")).unwrap();
+        assert_eq!(f, Ipv4Addr::new(10, 244, 7, 2));
+        assert_eq!(l, Ipv4Addr::new(10, 244, 7, 254));
+        assert_eq!(pod_capacity(subnet("10.244.7.0/24")), 253);
+        assert_eq!(pod_capacity(subnet("10.244.7.0/28")), 13);
+        assert_eq!(pod_capacity(subnet("10.244.7.0/30")), 1);
+        assert_eq!(pod_capacity(subnet("10.244.7.0/31")), 0);
+    }
+
+    #[test]
+    fn allocates_in_order_after_last_reserved_and_is_idempotent_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let s = subnet("10.1.2.0/24");
+        let a = store.allocate(s, &key(1)).unwrap();
+        let b = store.allocate(s, &key(2)).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 1, 2, 2));
+        assert_eq!(b, Ipv4Addr::new(10, 1, 2, 3));
+        assert_eq!(store.allocate(s, &key(1)).unwrap(), a);
+        // A released IP is not reused at once.
+        assert_eq!(store.release(&key(1)).unwrap(), vec![a]);
+        assert_eq!(
+            store.allocate(s, &key(3)).unwrap(),
+            Ipv4Addr::new(10, 1, 2, 4)
+        );
+        assert_eq!(store.find(&key(2)).unwrap(), Some(b));
+        assert_eq!(store.find(&key(1)).unwrap(), None);
+        assert!(store.release(&key(1)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn exhaustion_names_subnet_and_count_and_leaks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let s = subnet("10.1.2.16/28");
+        let mut ips = HashSet::new();
+        for i in 0..13 {
+            let ip = store.allocate(s, &key(i)).unwrap();
+            assert!(ip != Ipv4Addr::new(10, 1, 2, 16) && ip != Ipv4Addr::new(10, 1, 2, 17));
+            assert!(ip != Ipv4Addr::new(10, 1, 2, 31));
+            assert!(ips.insert(ip));
+        }
+        let err = store.allocate(s, &key(99)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("10.1.2.16/28") && msg.contains("13 of 13"),
+            "{msg}"
+        );
+        assert_eq!(store.list().unwrap().len(), 13);
+        // Wraps around to a freed IP.
+        store.release(&key(0)).unwrap();
+        assert_eq!(
+            store.allocate(s, &key(99)).unwrap(),
+            Ipv4Addr::new(10, 1, 2, 18)
+        );
+    }
+
+    #[test]
+    fn gc_keeps_valid_and_drops_the_rest_including_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let s = subnet("10.1.2.0/24");
+        for i in 0..4 {
+            store.allocate(s, &key(i)).unwrap();
+        }
+        fs::write(store.dir().join("10.1.2.200"), "").unwrap();
+        fs::write(store.dir().join(".tmp.10.1.2.9.1234"), "half").unwrap();
+        let released = store.gc(|k| k == &key(1) || k == &key(3)).unwrap();
+        assert_eq!(released.len(), 3);
+        let left: Vec<_> = store.list().unwrap().into_iter().map(|a| a.key).collect();
+        assert_eq!(left, vec![Some(key(1)), Some(key(3))]);
+        assert!(!store.dir().join(".tmp.10.1.2.9.1234").exists());
+    }
+
+    #[test]
+    fn concurrent_allocators_never_share_an_ip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let s = subnet("10.1.0.0/24");
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..25)
+                        .map(|i| store.allocate(s, &key(t * 100 + i)).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all = HashSet::new();
+        for h in handles {
+            for ip in h.join().unwrap() {
+                assert!(all.insert(ip), "{ip} handed out twice");
+            }
+        }
+        assert_eq!(all.len(), 200);
+    }
+
+    #[test]
+    fn network_name_cannot_escape_data_dir() {
+        for bad in ["", "..", "../x", "a/b", ".hidden", "-x", "a b"] {
+            assert!(IpamStore::new(Path::new("/x"), bad).is_err(), "{bad:?}");
+        }
+        assert!(IpamStore::new(Path::new("/x"), "k8s-pod_network.1").is_ok());
+    }
+}
