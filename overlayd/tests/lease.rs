@@ -675,3 +675,65 @@ impl std::io::Write for LogSink {
         Ok(())
     }
 }
+
+#[test]
+fn leases_over_tls_with_client_certificates() {
+    let etcd = Etcd::start_tls();
+    etcd.put(&format!("{PREFIX}/config"), CONFIG);
+    let tls = etcd.tls.clone().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = daemon(
+        &etcd.endpoint,
+        "127.0.0.71",
+        dir.path(),
+        &[
+            "--etcd-cafile",
+            tls.ca.to_str().unwrap(),
+            "--etcd-certfile",
+            tls.cert.to_str().unwrap(),
+            "--etcd-keyfile",
+            tls.key.to_str().unwrap(),
+        ],
+    );
+    d.wait_log("leased subnet", Duration::from_secs(20));
+    assert!(etcd.get(&subnet_key(&leased_subnet(&d))).is_some());
+
+    // Without a client certificate the server refuses, and the daemon says where and keeps trying.
+    let mut anon = daemon(
+        &etcd.endpoint,
+        "127.0.0.72",
+        dir.path(),
+        &["--etcd-cafile", tls.ca.to_str().unwrap()],
+    );
+    anon.wait_log("retrying in", Duration::from_secs(15));
+    assert!(
+        anon.log_text().contains(&etcd.endpoint),
+        "{}",
+        anon.log_text()
+    );
+    assert!(
+        anon.log_text()
+            .contains("pass --etcd-certfile and --etcd-keyfile"),
+        "{}",
+        anon.log_text()
+    );
+    // A missing CA file is a clear, immediate error.
+    let out = overlayd()
+        .args([
+            "run",
+            "--lease-only",
+            "--iface",
+            "lo",
+            "--etcd-endpoints",
+            &etcd.endpoint,
+        ])
+        .args(["--etcd-cafile", "/nonexistent/ca.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read TLS file /nonexistent/ca.pem"),
+        "{err}"
+    );
+}

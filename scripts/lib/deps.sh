@@ -15,6 +15,7 @@ OVERLAY_DEPS=(
   "ping:iputils-ping"
   "iperf3:iperf3"
   "pgrep:procps"
+  "openssl:openssl"              # a throwaway PKI for the TLS-to-etcd test
   "/usr/lib/cni/host-local:containernetworking-plugins"  # the reference the CNI bench compares with
 )
 

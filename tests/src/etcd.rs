@@ -14,6 +14,98 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     netns: Option<String>,
     args: Vec<String>,
+    /// Set when the server speaks TLS and demands client certificates.
+    pub tls: Option<Tls>,
+}
+
+/// Files of a throwaway PKI: the CA that signed etcd's server certificate, and a client identity.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a CA, a server certificate for `ip` and a client certificate with openssl, in `dir`.
+fn make_pki(dir: &std::path::Path, ip: Ipv4Addr) -> (Tls, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let openssl = |args: &[&str]| {
+        crate::run(Command::new("openssl").args(args).current_dir(dir));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=overlay-lab-ca",
+            ],
+        ]
+        .concat(),
+    );
+    for (name, ext) in [
+        (
+            "server",
+            format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth"),
+        ),
+        ("client", "extendedKeyUsage=clientAuth".to_string()),
+    ] {
+        std::fs::write(p(&format!("{name}.ext")), ext).expect("write ext");
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+    (
+        Tls {
+            ca: p("ca.crt"),
+            cert: p("client.crt"),
+            key: p("client.key"),
+        },
+        p("server.crt"),
+        p("server.key"),
+    )
 }
 
 fn spawn(netns: &Option<String>, args: &[String], dir: &tempfile::TempDir) -> Daemon {
@@ -46,12 +138,23 @@ impl Etcd {
 
     /// etcd listening on `ip`, inside `netns` when given (the lab's etcd on the underlay).
     pub fn start_on(netns: Option<&Netns>, ip: Ipv4Addr) -> Etcd {
+        Self::start_with(netns, ip, false)
+    }
+
+    /// etcd on loopback serving only TLS and requiring client certificates (what an external etcd
+    /// for EKS looks like).
+    pub fn start_tls() -> Etcd {
+        Self::start_with(None, Ipv4Addr::LOCALHOST, true)
+    }
+
+    fn start_with(netns: Option<&Netns>, ip: Ipv4Addr, tls: bool) -> Etcd {
         let dir = tempfile::tempdir().expect("tempdir");
         // Ports are picked in the host namespace; inside a fresh namespace nothing else listens.
         let client = free_port(Ipv4Addr::LOCALHOST);
         let peer = free_port(Ipv4Addr::LOCALHOST);
-        let endpoint = format!("http://{ip}:{client}");
-        let args: Vec<String> = [
+        let scheme = if tls { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{ip}:{client}");
+        let mut args: Vec<String> = [
             "--name".to_string(),
             "lab".into(),
             "--data-dir".into(),
@@ -70,6 +173,19 @@ impl Etcd {
             "warn".into(),
         ]
         .into();
+        let tls = tls.then(|| {
+            let (client_tls, cert, key) = make_pki(dir.path(), ip);
+            args.extend([
+                "--cert-file".to_string(),
+                cert.display().to_string(),
+                "--key-file".into(),
+                key.display().to_string(),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                client_tls.ca.display().to_string(),
+            ]);
+            client_tls
+        });
         let netns = netns.map(|n| n.name.clone());
         let daemon = spawn(&netns, &args, &dir);
         let etcd = Etcd {
@@ -78,6 +194,7 @@ impl Etcd {
             dir,
             netns,
             args,
+            tls,
         };
         etcd.wait_healthy();
         etcd
@@ -112,6 +229,14 @@ impl Etcd {
         c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint))
             .arg("--command-timeout=5s");
+        if let Some(t) = &self.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.cert)
+                .arg("--key")
+                .arg(&t.key);
+        }
         c
     }
 

@@ -58,6 +58,8 @@ pub struct Registry {
     client: Client,
     pub keys: Keys,
     endpoints: String,
+    /// Said after a connection failure when the TLS flags look incomplete for the endpoints.
+    tls_hint: &'static str,
 }
 
 impl Registry {
@@ -93,10 +95,24 @@ impl Registry {
                 endpoints: endpoints.clone(),
                 detail: e.to_string(),
             })?;
+        let https = args
+            .etcd_endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"));
+        let tls_hint = match (https, &args.etcd_cafile, &args.etcd_certfile) {
+            (true, None, _) => " (an https endpoint: pass --etcd-cafile with the CA that signed etcd's certificate)",
+            (true, Some(_), None) => {
+                " (an etcd started with --client-cert-auth drops connections without a client certificate: \
+                 pass --etcd-certfile and --etcd-keyfile)"
+            }
+            (false, Some(_), _) => " (TLS files were given but the endpoints are http://; use https://)",
+            _ => "",
+        };
         Ok(Registry {
             client,
             keys: Keys::new(&args.etcd_prefix),
             endpoints,
+            tls_hint,
         })
     }
 
@@ -136,8 +152,10 @@ impl Registry {
                 RegistryError::Unreachable {
                     endpoints,
                     detail: match std::error::Error::source(&s) {
-                        Some(src) => format!("{}: {}", s.message(), root_cause(src)),
-                        None => s.message().to_string(),
+                        Some(src) => {
+                            format!("{}: {}{}", s.message(), root_cause(src), self.tls_hint)
+                        }
+                        None => format!("{}{}", s.message(), self.tls_hint),
                     },
                 }
             }
@@ -147,7 +165,7 @@ impl Registry {
             },
             E::TransportError(t) => RegistryError::Unreachable {
                 endpoints,
-                detail: format!("{t}: {}", root_cause(&t)),
+                detail: format!("{t}: {}{}", root_cause(&t), self.tls_hint),
             },
             E::IoError(io) => RegistryError::Unreachable {
                 endpoints,
