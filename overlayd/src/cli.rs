@@ -72,8 +72,10 @@ pub struct EtcdArgs {
     /// Client key (PEM) for mutual TLS.
     #[arg(long, env = "OVERLAYD_ETCD_KEYFILE", requires = "etcd_certfile")]
     pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user (etcd's own authentication, `etcdctl user add`).
     #[arg(long, env = "OVERLAYD_ETCD_USERNAME", requires = "etcd_password")]
     pub etcd_username: Option<String>,
+    /// Password of --etcd-username; prefer the environment variable to the command line.
     #[arg(
         long,
         env = "OVERLAYD_ETCD_PASSWORD",
