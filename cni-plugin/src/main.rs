@@ -1,1 +1,96 @@
-fn main() {}
+//! `overlay`: the CNI plugin of overlayd. Hands out pod IPs from the subnet overlayd leased for
+//! this node (read from the subnet file, no network call), wires the pod to the node's bridge
+//! with a veth pair, and reports the result in the CNI version the runtime asked for.
+//!
+//! One process per CNI call, so it stays small: a current-thread tokio runtime for netlink, the
+//! IPAM store on local disk, nothing else.
+
+mod commands;
+mod config;
+mod error;
+mod link;
+mod netns;
+mod spec;
+
+use std::io::Read;
+
+use config::{Command, Env, NetConf};
+use error::{code, CniError};
+use spec::{LATEST, SUPPORTED_VERSIONS};
+
+fn main() {
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    // Errors carry the config's cniVersion when it is one we speak, else the newest.
+    let version = NetConf::version_hint(&stdin)
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| LATEST.to_string());
+    let outcome = match read {
+        Ok(_) => run(&stdin),
+        Err(e) => Err(CniError::new(
+            code::IO_FAILURE,
+            format!("cannot read stdin: {e}"),
+        )),
+    };
+    match outcome {
+        Ok(Some(out)) => println!("{out}"),
+        Ok(None) => {}
+        Err(e) => {
+            println!("{}", e.to_json(&version));
+            eprintln!("overlay: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(stdin: &[u8]) -> Result<Option<String>, CniError> {
+    let command = match std::env::var("CNI_COMMAND") {
+        Ok(c) => Command::parse(&c).ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_COMMAND {c:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC"),
+            )
+        })?,
+        Err(_) => {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                "required environment variables missing: CNI_COMMAND",
+            ))
+        }
+    };
+    if command == Command::Version {
+        let requested = NetConf::version_hint(stdin);
+        return Ok(Some(commands::version::version(requested.as_deref())));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let env = match command {
+        Command::Add | Command::Del | Command::Check => {
+            Some(Env::from_vars(command, |k| std::env::var(k).ok())?)
+        }
+        _ => None,
+    };
+    if command == Command::Status {
+        commands::status::status(&conf)?;
+        return Ok(None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CniError::kernel("cannot start the tokio runtime", e))?;
+    rt.block_on(async {
+        match (command, env) {
+            (Command::Add, Some(env)) => {
+                let result = commands::add::add(&conf, &env).await?;
+                let json =
+                    serde_json::to_string(&result.for_version(conf.version)).map_err(|e| {
+                        CniError::new(code::IO_FAILURE, format!("cannot encode result: {e}"))
+                    })?;
+                Ok(Some(json))
+            }
+            (Command::Del, Some(env)) => commands::del::del(&conf, &env).await.map(|()| None),
+            (Command::Check, Some(env)) => commands::check::check(&conf, &env).await.map(|()| None),
+            (Command::Gc, _) => commands::gc::gc(&conf).await.map(|()| None),
+            _ => Err(CniError::new(code::INVALID_ENV, "unexpected command")),
+        }
+    })
+}

@@ -1,0 +1,254 @@
+//! ADD: an IP from the node's subnet, a veth pair into the pod, the pod end configured, the host
+//! end in the bridge.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use overlay_state::{IpamStore, SubnetFile};
+
+use crate::config::{Env, NetConf};
+use crate::error::{code, CniError};
+use crate::link;
+use crate::netns;
+use crate::spec::{CniResult, Interface, IpConfig, Route};
+
+pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
+    let netns_path = env
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_NETNS is required for ADD"))?;
+    let subnet_file = super::read_subnet_file(conf)?;
+    let store = IpamStore::new(&conf.data_dir, &conf.name)?;
+    let pod_ns = netns::open(netns_path)?;
+    let host = netns::connect_here()?;
+    let pod = netns::connect_in(&pod_ns)?;
+
+    // Before anything changes: an existing interface belongs to someone else (or to an earlier
+    // ADD that succeeded), so it must neither be touched nor have its IP released.
+    if link::by_name(&pod, &env.ifname)
+        .await
+        .map_err(|e| CniError::kernel("cannot list the pod's links", e))?
+        .is_some()
+    {
+        return Err(CniError::new(
+            code::INTERFACE_EXISTS,
+            format!(
+                "interface {} already exists in netns {}",
+                env.ifname,
+                netns_path.display()
+            ),
+        ));
+    }
+
+    let mtu = conf.mtu.unwrap_or(subnet_file.mtu);
+    let gateway = subnet_file.gateway();
+    let prefix = subnet_file.subnet.prefix();
+    let bridge = link::ensure_bridge(&host, &conf.bridge, gateway, prefix, mtu)
+        .await
+        .map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
+
+    let key = env.key();
+    let ip = store.allocate(subnet_file.subnet, &key)?;
+    let host_name = link::host_veth_name(&env.container_id, &env.ifname);
+    let attached = attach(
+        conf,
+        env,
+        &subnet_file,
+        &Attachment {
+            host: &host,
+            pod: &pod,
+            pod_ns: &pod_ns,
+            host_name: &host_name,
+            bridge_index: bridge.index,
+            ip,
+            mtu,
+        },
+    )
+    .await;
+    let (host_link, pod_link) = match attached {
+        Ok(links) => links,
+        Err(e) => {
+            // Undo in reverse so the IP is free only once no interface carries it.
+            let _ = link::delete_by_name(&host, &host_name).await;
+            let _ = store.release(&key);
+            return Err(e);
+        }
+    };
+
+    let ours = CniResult {
+        interfaces: vec![
+            Interface {
+                name: conf.bridge.clone(),
+                mac: bridge.mac.clone(),
+                ..Default::default()
+            },
+            Interface {
+                name: host_name.clone(),
+                mac: host_link.mac,
+                ..Default::default()
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: pod_link.mac,
+                mtu: Some(mtu),
+                sandbox: Some(netns_path.display().to_string()),
+                ..Default::default()
+            },
+        ],
+        ips: vec![IpConfig {
+            address: format!("{ip}/{prefix}"),
+            gateway: Some(gateway.to_string()),
+            interface: Some(2),
+            ..Default::default()
+        }],
+        routes: pod_routes(conf, &subnet_file)
+            .into_iter()
+            .map(|(dst, gw)| Route {
+                dst: dst.to_string(),
+                gw: Some(gw.to_string()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    Ok(merge(conf.prev_result.clone(), ours))
+}
+
+struct Attachment<'a> {
+    host: &'a rtnetlink::Handle,
+    pod: &'a rtnetlink::Handle,
+    pod_ns: &'a File,
+    host_name: &'a str,
+    bridge_index: u32,
+    ip: Ipv4Addr,
+    mtu: u32,
+}
+
+/// The routes the pod gets: a default route via the gateway, or only the cluster network when
+/// another interface owns the default.
+fn pod_routes(conf: &NetConf, subnet_file: &SubnetFile) -> Vec<(Ipv4Network, Ipv4Addr)> {
+    let gw = subnet_file.gateway();
+    if conf.is_default_gateway {
+        vec![(
+            Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or(subnet_file.network),
+            gw,
+        )]
+    } else {
+        vec![(subnet_file.network, gw)]
+    }
+}
+
+async fn attach(
+    conf: &NetConf,
+    env: &Env,
+    subnet_file: &SubnetFile,
+    a: &Attachment<'_>,
+) -> Result<(link::Link, link::Link), CniError> {
+    let kernel = |what: &str| {
+        let what = what.to_string();
+        move |e: rtnetlink::Error| CniError::kernel(what, e)
+    };
+    let create = || {
+        link::create_veth(
+            a.host,
+            a.host_name,
+            &env.ifname,
+            a.pod_ns,
+            a.mtu,
+            a.bridge_index,
+        )
+    };
+    match create().await {
+        Ok(()) => {}
+        // The host end's name derives from (container id, ifname), and the pod has no such
+        // interface (checked above): this is what an ADD killed halfway left. Replace it.
+        Err(e) if link::is_exists(&e) => {
+            link::delete_by_name(a.host, a.host_name)
+                .await
+                .map_err(kernel("cannot remove a leftover host veth"))?;
+            create()
+                .await
+                .map_err(kernel("cannot create the veth pair"))?;
+        }
+        Err(e) => return Err(kernel("cannot create the veth pair")(e)),
+    }
+    let host_link = link::by_name(a.host, a.host_name)
+        .await
+        .map_err(kernel("cannot read the host veth"))?
+        .ok_or_else(|| CniError::new(code::KERNEL, "the host veth vanished"))?;
+    if conf.hairpin_mode {
+        link::set_hairpin(a.host, host_link.index, true)
+            .await
+            .map_err(kernel("cannot turn on hairpin mode on the host veth"))?;
+    }
+    let pod_link = link::by_name(a.pod, &env.ifname)
+        .await
+        .map_err(kernel("cannot read the pod's interface"))?
+        .ok_or_else(|| CniError::new(code::KERNEL, "the pod's interface vanished"))?;
+    // With the subnet's prefix, so the kernel adds the on-link route the gateway is reached by.
+    link::add_address(a.pod, pod_link.index, a.ip, subnet_file.subnet.prefix())
+        .await
+        .map_err(kernel("cannot add the pod's address"))?;
+    if !pod_link.up {
+        link::set_up(a.pod, pod_link.index)
+            .await
+            .map_err(kernel("cannot bring the pod's interface up"))?;
+    }
+    for (dst, gw) in pod_routes(conf, subnet_file) {
+        let dst = (dst.prefix() > 0).then(|| (dst.network(), dst.prefix()));
+        link::add_route(a.pod, dst, gw, pod_link.index)
+            .await
+            .map_err(kernel("cannot add the pod's route"))?;
+    }
+    Ok((host_link, pod_link))
+}
+
+/// Chained after another plugin: our interfaces, IPs and routes are appended to its result (IP
+/// interface indexes shifted accordingly); its DNS and anything else are kept.
+fn merge(prev: Option<CniResult>, mut ours: CniResult) -> CniResult {
+    let Some(mut prev) = prev else {
+        return ours;
+    };
+    let offset = prev.interfaces.len();
+    for ip in &mut ours.ips {
+        ip.interface = ip.interface.map(|i| i + offset);
+    }
+    prev.interfaces.append(&mut ours.interfaces);
+    prev.ips.append(&mut ours.ips);
+    prev.routes.append(&mut ours.routes);
+    prev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_shifts_interface_indexes() {
+        let prev = CniResult {
+            interfaces: vec![Interface {
+                name: "a".into(),
+                ..Default::default()
+            }],
+            dns: Some(serde_json::json!({"nameservers": ["10.96.0.10"]})),
+            ..Default::default()
+        };
+        let ours = CniResult {
+            interfaces: vec![
+                Interface::default(),
+                Interface::default(),
+                Interface::default(),
+            ],
+            ips: vec![IpConfig {
+                interface: Some(2),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let m = merge(Some(prev), ours);
+        assert_eq!(m.interfaces.len(), 4);
+        assert_eq!(m.ips[0].interface, Some(3));
+        assert!(m.dns.is_some());
+    }
+}
