@@ -116,6 +116,9 @@ pub struct RunArgs {
     /// How often the data plane is checked against the leases even when nothing changed.
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 0.0.0.0:9472; off when unset.
+    #[arg(long, env = "OVERLAYD_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Only lease the subnet and write the subnet file; leave the node's network alone.
     #[arg(long, env = "OVERLAYD_LEASE_ONLY")]
     pub lease_only: bool,

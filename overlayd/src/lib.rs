@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod logging;
 pub mod netlink;
 pub mod node;

@@ -737,3 +737,55 @@ fn leases_over_tls_with_client_certificates() {
         "{err}"
     );
 }
+
+/// GET `path` from `addr` over plain HTTP/1.1 on loopback; returns (status, body).
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+#[test]
+fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
+    let etcd = Etcd::start();
+    let port = free_port(Ipv4Addr::LOCALHOST);
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = daemon(
+        &etcd.endpoint,
+        "127.0.0.81",
+        dir.path(),
+        &["--metrics-addr", &addr],
+    );
+    d.wait_log("network config not found", Duration::from_secs(10));
+    let (status, body) = wait_for("the health server", Duration::from_secs(5), || {
+        http_get(&addr, "/healthz")
+    });
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no subnet leased yet"), "{body}");
+    etcd.put(&format!("{PREFIX}/config"), CONFIG);
+    d.wait_log("leased subnet", Duration::from_secs(20));
+    wait_for("healthz to say ok", Duration::from_secs(5), || {
+        http_get(&addr, "/healthz")
+            .filter(|(s, _)| *s == 200)
+            .map(|_| ())
+    });
+    let (status, metrics) = wait_for("the lease gauge", Duration::from_secs(5), || {
+        http_get(&addr, "/metrics").filter(|(_, b)| b.contains("overlayd_subnet_leases 1"))
+    });
+    assert_eq!(status, 200);
+    assert!(metrics.contains("# HELP overlayd_peers"), "{metrics}");
+}

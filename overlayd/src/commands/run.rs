@@ -17,6 +17,7 @@ use crate::backoff::Backoff;
 use crate::cli::RunArgs;
 use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
 use crate::dataplane::{monitor, Dataplane, Plan};
+use crate::health::{self, Health};
 use crate::node::{self, Node};
 use crate::registry::{
     self, AcquireRequest, Acquired, LeaseSet, LeaseValue, Registry, RegistryError,
@@ -73,6 +74,10 @@ pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
 }
 
 async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let health = Arc::new(Health::new());
+    if let Some(addr) = args.metrics_addr {
+        tokio::spawn(health::serve(addr, health.clone()));
+    }
     let reg = Registry::connect(&args.etcd).await?;
     info!(
         endpoints = reg.endpoints(),
@@ -158,7 +163,17 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.node.subnet_file.display()
     );
 
-    supervise(&reg, &node, &req, acquired, &args, dataplane.as_mut()).await
+    health.set_leased(true);
+    supervise(
+        &reg,
+        &node,
+        &req,
+        acquired,
+        &args,
+        dataplane.as_mut(),
+        &health,
+    )
+    .await
 }
 
 async fn acquire_until_done(reg: &Registry, cfg: &NetworkConfig, req: &AcquireRequest) -> Acquired {
@@ -199,6 +214,7 @@ async fn supervise(
     mut acquired: Acquired,
     args: &RunArgs,
     mut dataplane: Option<&mut Dataplane>,
+    health: &Health,
 ) -> anyhow::Result<ExitCode> {
     let subnet: Ipv4Network = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
@@ -214,6 +230,8 @@ async fn supervise(
         monitor::spawn(kernel_changed.clone());
     }
     let mut latest = Arc::new(LeaseSet::default());
+    // A failure that repeats every pass is logged once, not every second.
+    let mut last_error = String::new();
 
     let result = loop {
         let keeper_done = async {
@@ -234,6 +252,7 @@ async fn supervise(
                     continue;
                 }
                 latest = set.clone();
+                health.leases.set(set.leases.len() as i64);
                 let current = set.leases.get(&subnet);
                 let intact = current.and_then(|l| l.value.as_ref()) == Some(&req.value);
                 if !intact {
@@ -284,8 +303,28 @@ async fn supervise(
             continue; // nothing listed yet: never remove peers on an empty view
         }
         if let Some(dp) = dataplane.as_deref_mut() {
-            if let Err(e) = dp.reconcile(&latest).await {
-                error!("data plane: {e}; retrying");
+            match dp.reconcile(&latest).await {
+                Ok(changes) => {
+                    if !last_error.is_empty() {
+                        info!("data plane recovered");
+                        last_error.clear();
+                    }
+                    health.count_changes(changes.added, changes.removed);
+                    health.peers.set(dp.peer_count() as i64);
+                    health.set_dataplane_ok(true);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if msg != last_error {
+                        error!(
+                            "data plane: {msg}; retrying every {:?}",
+                            args.resync_interval
+                        );
+                        last_error = msg;
+                    }
+                    health.errors.inc();
+                    health.set_dataplane_ok(false);
+                }
             }
         }
     };

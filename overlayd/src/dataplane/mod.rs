@@ -149,6 +149,10 @@ pub struct Dataplane {
     handle: Handle,
     plan: Plan,
     iptables: Option<iptables::Iptables>,
+    /// Peers derived from the lease set at `peers_revision`; recomputed only when the set changes,
+    /// so a malformed lease is warned about once, not on every pass.
+    peers: Vec<Peer>,
+    peers_revision: i64,
 }
 
 impl Dataplane {
@@ -157,6 +161,8 @@ impl Dataplane {
             handle,
             plan,
             iptables: None,
+            peers: Vec::new(),
+            peers_revision: -1,
         }
     }
 
@@ -202,7 +208,16 @@ impl Dataplane {
 
     /// Makes the kernel match `set`. Returns what changed.
     pub async fn reconcile(&mut self, set: &LeaseSet) -> Result<peers::Changes, DataplaneError> {
+        if set.revision != self.peers_revision {
+            self.peers = self.plan.peers(set);
+            self.peers_revision = set.revision;
+        }
         let dev = self.ensure_devices().await?;
-        peers::reconcile(&self.handle, dev, &self.plan.peers(set)).await
+        peers::reconcile(&self.handle, dev, &self.peers).await
+    }
+
+    /// How many other nodes the last pass routed to.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
     }
 }
