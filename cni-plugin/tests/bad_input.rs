@@ -39,7 +39,9 @@ fn bad_inputs_get_the_right_code_and_change_nothing() {
         c[key] = value;
         c.to_string()
     };
-    let cases: Vec<(&str, Vec<(&str, &str)>, String, u64)> = vec![
+    // (what, environment, stdin, expected code)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, u64);
+    let cases: Vec<Case> = vec![
         ("stdin not JSON", env("c1", "eth0"), "{not json".into(), 6),
         ("stdin empty", env("c1", "eth0"), String::new(), 6),
         (
