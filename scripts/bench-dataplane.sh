@@ -2,7 +2,7 @@
 # Pod-to-pod throughput across two lab nodes running overlayd, against the same kernel VXLAN path
 # built by hand with `ip`/`bridge` between two other namespaces, measured in the same run.
 #
-#   scripts/bench-dataplane.sh [SECONDS_PER_RUN] [ROUNDS]      (defaults: 4 s, 3 rounds)
+#   scripts/bench-dataplane.sh [SECONDS_PER_RUN] [ROUNDS]      (defaults: 4 s, 5 rounds)
 #
 # Rounds alternate overlay and reference so machine noise hits both alike; the median of each is
 # compared. Prints both throughputs and the ratio (target >= 0.97). Needs root; uses scripts/lab.sh
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-4}
-ROUNDS=${2:-3}
+ROUNDS=${2:-5}
 R=obref                          # prefix of the hand-built reference namespaces
 [[ $(id -u) == 0 ]] || { echo "bench: needs root" >&2; exit 1; }
 
