@@ -83,6 +83,7 @@ fn two_hundred_concurrent_adds_then_dels() {
     }
     eprintln!("{PODS} concurrent DELs took {:?}", started.elapsed());
     assert!(node.store_ips().is_empty(), "{:?}", node.store_ips());
+    assert_eq!(node.store_index_entries(), 0);
     assert_eq!(node.links(), ["cni0".to_string()].into());
 }
 
@@ -172,6 +173,7 @@ fn kill_9_during_add_never_duplicates_and_gc_cleans_up() {
         })
         .collect();
     assert_eq!(stored, want);
+    assert_eq!(node.store_index_entries(), want.len());
     // ...and the node only their host veths.
     assert_eq!(node.links().len(), valid.len() + 1, "{:?}", node.links());
     // A retried ADD of a killed attachment works and gets a fresh, unique IP.

@@ -7,6 +7,7 @@
 //!     last_reserved_ip      the IP handed out last; the next search starts after it
 //!     10.244.7.2            one file per allocated IP: "<container id>\n<ifname>\n"
 //!     10.244.7.3
+//!     key.<16 hex>          index: the IP held by one (container id, ifname), named by its hash
 //! ```
 //!
 //! Crash safety (a plugin may be `kill -9`ed at any instruction):
@@ -23,6 +24,11 @@
 //! Files are not fsync'ed: the store must survive the death of a process, not of the machine (after
 //! a reboot every pod sandbox is new and the runtime's GC reconciles the store).
 //!
+//! The index spares ADD and DEL from reading every IP file (253 on a full /24 node). It is only a
+//! hint, always checked against the IP file it names: it is written before the IP file is created
+//! and removed after the IP file is, so an IP file for a key always has its index entry, and a
+//! stale entry (left by a crash) fails the check and is overwritten or removed.
+//!
 //! Readers (metrics, `list`) need no lock: they see each IP file either absent or complete.
 
 use std::collections::HashSet;
@@ -37,6 +43,7 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/overlay";
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED_FILE: &str = "last_reserved_ip";
 const TMP_PREFIX: &str = ".tmp.";
+const KEY_PREFIX: &str = "key.";
 
 /// Who holds an IP: the runtime's (container id, interface name) pair, as in CNI's GC attachments.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,6 +62,16 @@ impl AttachmentKey {
 
     fn render(&self) -> String {
         format!("{}\n{}\n", self.container_id, self.ifname)
+    }
+
+    /// The index file's name: FNV-1a (64 bit) of the rendered key.
+    fn index_name(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.render().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{KEY_PREFIX}{h:016x}")
     }
 
     fn parse(text: &str) -> Option<Self> {
@@ -191,13 +208,55 @@ impl IpamStore {
         Ok(out)
     }
 
-    /// The IP held by `key`, if any.
+    /// The IP held by `key`, if any, found through the index (two small reads).
     pub fn find(&self, key: &AttachmentKey) -> Result<Option<Ipv4Addr>, IpamError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .find(|a| a.key.as_ref() == Some(key))
-            .map(|a| a.ip))
+        let path = self.dir.join(key.index_name());
+        let ip: Ipv4Addr = match fs::read_to_string(&path) {
+            Ok(text) => match text.trim().parse() {
+                Ok(ip) => ip,
+                Err(_) => return Ok(None),
+            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(self.io(&path)(e)),
+        };
+        let ip_path = self.dir.join(ip.to_string());
+        match fs::read_to_string(&ip_path) {
+            Ok(text) if AttachmentKey::parse(&text).as_ref() == Some(key) => Ok(Some(ip)),
+            Ok(_) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.io(&ip_path)(e)),
+        }
+    }
+
+    /// The IPs taken, by file name alone (no file is read).
+    fn taken(&self) -> Result<HashSet<u32>, IpamError> {
+        let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
+        let mut out = HashSet::new();
+        for entry in entries {
+            let entry = entry.map_err(self.io(&self.dir))?;
+            if let Some(ip) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            {
+                out.insert(u32::from(ip));
+            }
+        }
+        Ok(out)
     }
 
     /// Allocates an IP of `subnet` for `key`, or returns the one `key` already holds. The search
@@ -211,11 +270,10 @@ impl IpamStore {
         let (first, last) = pod_range(subnet).ok_or(IpamError::SubnetTooSmall(subnet))?;
         let _lock = self.lock()?;
         self.remove_stale_temp_files()?;
-        let current = self.list()?;
-        if let Some(a) = current.iter().find(|a| a.key.as_ref() == Some(key)) {
-            return Ok(a.ip);
+        if let Some(ip) = self.find(key)? {
+            return Ok(ip);
         }
-        let used: HashSet<u32> = current.iter().map(|a| u32::from(a.ip)).collect();
+        let used = self.taken()?;
         let (first, last) = (u32::from(first), u32::from(last));
         let capacity = (last - first + 1) as usize;
         let allocated = used
@@ -242,6 +300,8 @@ impl IpamStore {
                 continue;
             }
             let ip = Ipv4Addr::from(candidate);
+            // Index first: an IP file must never exist without its index entry.
+            self.write_atomic(&key.index_name(), format!("{ip}\n").as_bytes())?;
             if self.create_exclusive(&ip.to_string(), content.as_bytes())? {
                 self.write_last_reserved(ip)?;
                 return Ok(ip);
@@ -257,12 +317,20 @@ impl IpamStore {
         }
         let _lock = self.lock()?;
         let mut released = Vec::new();
-        for a in self.list()? {
-            if a.key.as_ref() == Some(key) {
-                self.remove_ip_file(a.ip)?;
-                released.push(a.ip);
+        if let Some(ip) = self.find(key)? {
+            self.remove_ip_file(ip)?;
+            released.push(ip);
+        } else {
+            // No index entry: only something outside this store's rules could have made such a
+            // file, so look at every one.
+            for a in self.list()? {
+                if a.key.as_ref() == Some(key) {
+                    self.remove_ip_file(a.ip)?;
+                    released.push(a.ip);
+                }
             }
         }
+        self.remove_file(&key.index_name())?;
         Ok(released)
     }
 
@@ -275,18 +343,36 @@ impl IpamStore {
         let _lock = self.lock()?;
         self.remove_stale_temp_files()?;
         let mut released = Vec::new();
+        let mut kept = HashSet::new();
         for a in self.list()? {
-            if a.key.as_ref().is_some_and(&keep) {
-                continue;
+            match &a.key {
+                Some(k) if keep(k) => {
+                    kept.insert(k.index_name());
+                }
+                _ => {
+                    self.remove_ip_file(a.ip)?;
+                    released.push(a);
+                }
             }
-            self.remove_ip_file(a.ip)?;
-            released.push(a);
+        }
+        // Index entries of released or never-completed allocations.
+        let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
+        for entry in entries.flatten() {
+            if let Some(name) = entry.file_name().to_str() {
+                if name.starts_with(KEY_PREFIX) && !kept.contains(name) {
+                    self.remove_file(name)?;
+                }
+            }
         }
         Ok(released)
     }
 
     fn remove_ip_file(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        let path = self.dir.join(ip.to_string());
+        self.remove_file(&ip.to_string())
+    }
+
+    fn remove_file(&self, name: &str) -> Result<(), IpamError> {
+        let path = self.dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -324,15 +410,18 @@ impl IpamStore {
         }
     }
 
-    /// Temp + rename: a reader sees the old or the new IP, never a torn one. Only a hint for the
-    /// search, so losing it to a crash costs nothing but the search order.
+    /// Only a hint for the search, so losing it to a crash costs nothing but the search order.
     fn write_last_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        let path = self.dir.join(LAST_RESERVED_FILE);
-        let tmp = self.dir.join(format!(
-            "{TMP_PREFIX}{LAST_RESERVED_FILE}.{}",
-            std::process::id()
-        ));
-        let result = fs::write(&tmp, format!("{ip}\n")).and_then(|()| fs::rename(&tmp, &path));
+        self.write_atomic(LAST_RESERVED_FILE, format!("{ip}\n").as_bytes())
+    }
+
+    /// Temp + rename: a reader sees the old content or the new, never a torn one.
+    fn write_atomic(&self, name: &str, content: &[u8]) -> Result<(), IpamError> {
+        let path = self.dir.join(name);
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
+        let result = fs::write(&tmp, content).and_then(|()| fs::rename(&tmp, &path));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -366,6 +455,7 @@ pub fn valid_network_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn subnet(s: &str) -> Ipv4Network {
         s.parse().unwrap()
@@ -449,6 +539,43 @@ mod tests {
         let left: Vec<_> = store.list().unwrap().into_iter().map(|a| a.key).collect();
         assert_eq!(left, vec![Some(key(1)), Some(key(3))]);
         assert!(!store.dir().join(".tmp.10.1.2.9.1234").exists());
+    }
+
+    #[test]
+    fn stale_or_missing_index_entries_are_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let s = subnet("10.1.2.0/24");
+        let a = store.allocate(s, &key(1)).unwrap();
+        let b = store.allocate(s, &key(2)).unwrap();
+        // A crash after writing key 3's index entry, before its IP file: points at a free IP...
+        fs::write(store.dir().join(key(3).index_name()), "10.1.2.50\n").unwrap();
+        assert_eq!(store.find(&key(3)).unwrap(), None);
+        // ...or, later, at an IP someone else got.
+        fs::write(store.dir().join(key(3).index_name()), format!("{a}\n")).unwrap();
+        assert_eq!(store.find(&key(3)).unwrap(), None);
+        let c = store.allocate(s, &key(3)).unwrap();
+        assert!(c != a && c != b);
+        assert_eq!(store.find(&key(3)).unwrap(), Some(c));
+        assert_eq!(store.find(&key(1)).unwrap(), Some(a));
+        // An IP file without an index entry is still released by its key.
+        fs::remove_file(store.dir().join(key(2).index_name())).unwrap();
+        assert_eq!(store.release(&key(2)).unwrap(), vec![b]);
+        // GC drops index entries nothing valid uses.
+        fs::write(store.dir().join(key(9).index_name()), "10.1.2.77\n").unwrap();
+        store.gc(|k| k == &key(1)).unwrap();
+        let names: BTreeSet<String> = fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let want: BTreeSet<String> = [
+            a.to_string(),
+            key(1).index_name(),
+            LOCK_FILE.to_string(),
+            LAST_RESERVED_FILE.to_string(),
+        ]
+        .into();
+        assert_eq!(names, want);
     }
 
     #[test]

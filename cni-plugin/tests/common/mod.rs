@@ -210,6 +210,17 @@ impl Node {
         ips
     }
 
+    /// How many index entries (`key.*`) the store holds.
+    pub fn store_index_entries(&self) -> usize {
+        std::fs::read_dir(self.data_dir.join(NETWORK))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("key."))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// The container id and ifname stored for `ip`.
     pub fn store_owner(&self, ip: &str) -> Option<(String, String)> {
         let text = std::fs::read_to_string(self.data_dir.join(NETWORK).join(ip)).ok()?;
