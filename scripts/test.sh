@@ -19,4 +19,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo build (binaries the end-to-end tests run)"
 cargo build --workspace --bins --locked
 echo "==> cargo test"
-cargo test --workspace --locked -- "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets --locked -- "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary, the last often "0 passed").
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, g }' "$log"
+exit "$status"
