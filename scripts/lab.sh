@@ -132,7 +132,9 @@ show() {
   local node pod all=() ip subnet
   printf '\n%-10s %-16s %-18s %s\n' NODE PUBLIC-IP SUBNET PODS
   for node in $(nodes); do
-    subnet=$(grep OVERLAY_SUBNET "$STATE/$node/subnet.env" 2>/dev/null | cut -d= -f2 || echo "-")
+    # The file holds the gateway (x.y.z.1/len); show the subnet itself.
+    subnet=$(grep OVERLAY_SUBNET "$STATE/$node/subnet.env" 2>/dev/null | cut -d= -f2 || true)
+    [[ -n $subnet ]] && subnet="${subnet%.*/*}.0/${subnet#*/}" || subnet="-"
     ip=$(ip -n "$node" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
     local list=""
     for pod in $(pods_of "$node"); do
