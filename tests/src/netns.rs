@@ -54,6 +54,15 @@ impl Netns {
             .unwrap_or(false)
     }
 
+    /// `bridge fdb show dev <dev>` inside the namespace: the VXLAN forwarding entries.
+    pub fn fdb(&self, dev: &str) -> String {
+        let out = Command::new("bridge")
+            .args(["-n", &self.name, "fdb", "show", "dev", dev])
+            .output()
+            .expect("run bridge");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// One ping (1 s deadline) from this namespace.
     pub fn ping(&self, dst: &str) -> bool {
         self.ok("ping", &["-c", "1", "-W", "1", "-q", dst])

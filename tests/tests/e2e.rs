@@ -92,14 +92,7 @@ fn full_mesh_pod_to_pod_across_three_nodes() {
         neigh.contains(&s1.network().to_string()) && neigh.contains("PERMANENT"),
         "{neigh}"
     );
-    let fdb = overlay_testlab::lab::text(Command::new("bridge").args([
-        "-n",
-        &lab.nodes[0].ns.name,
-        "fdb",
-        "show",
-        "dev",
-        "overlay.1",
-    ]));
+    let fdb = lab.nodes[0].ns.fdb("overlay.1");
     assert!(
         fdb.contains(&format!("dst {} self permanent", lab.nodes[1].ip)),
         "{fdb}"
@@ -169,15 +162,7 @@ fn deleted_or_expired_lease_is_removed_from_every_peer() {
             let arp = ns
                 .ip_out(&["neigh", "show", "dev", "overlay.1"])
                 .contains(&format!("{} ", subnet.network()));
-            let fdb = overlay_testlab::lab::text(Command::new("bridge").args([
-                "-n",
-                &ns.name,
-                "fdb",
-                "show",
-                "dev",
-                "overlay.1",
-            ]))
-            .contains(&format!("dst {node_ip} "));
+            let fdb = ns.fdb("overlay.1").contains(&format!("dst {node_ip} "));
             (route, arp, fdb)
         };
     // Deleted by an operator: node3's key goes, peers drop its entries (node3's daemon is stopped
@@ -238,16 +223,7 @@ fn manually_deleted_route_neighbour_and_fdb_come_back_within_two_seconds() {
         start.elapsed().as_secs_f64() * 1000.0
     );
 
-    let fdb = || {
-        overlay_testlab::lab::text(Command::new("bridge").args([
-            "-n",
-            &ns.name,
-            "fdb",
-            "show",
-            "dev",
-            "overlay.1",
-        ]))
-    };
+    let fdb = || ns.fdb("overlay.1");
     let line = fdb()
         .lines()
         .find(|l| l.contains("self permanent"))
@@ -555,16 +531,7 @@ fn a_peer_whose_public_ip_or_mac_changes_is_reprogrammed() {
             r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
         )
     };
-    let fdb = || {
-        overlay_testlab::lab::text(Command::new("bridge").args([
-            "-n",
-            &ns.name,
-            "fdb",
-            "show",
-            "dev",
-            "overlay.1",
-        ]))
-    };
+    let fdb = || ns.fdb("overlay.1");
     lab.etcd
         .put(&key, &value("192.0.2.201", "02:aa:00:00:00:01"));
     wait_for("the peer to be programmed", Duration::from_secs(5), || {
