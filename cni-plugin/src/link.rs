@@ -64,9 +64,7 @@ impl Link {
     }
 }
 
-/// The host end's name, derived from the attachment so that DEL and GC find it without the pod's
-/// netns, and a retried ADD finds what a killed one left: `veth` + 11 hex digits of FNV-1a.
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+fn attachment_hash(container_id: &str, ifname: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in container_id
         .bytes()
@@ -76,7 +74,20 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("veth{:011x}", h >> 20)
+    h
+}
+
+/// The host end's name, derived from the attachment so that DEL and GC find it without the pod's
+/// netns, and a retried ADD finds what a killed one left: `veth` + 11 hex digits of FNV-1a.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    format!("veth{:011x}", attachment_hash(container_id, ifname) >> 20)
+}
+
+/// The host end's MAC, from the same hash (locally administered, unicast): set by the plugin so
+/// that ADD need not read it back from the kernel.
+pub fn host_veth_mac(container_id: &str, ifname: &str) -> [u8; 6] {
+    let h = attachment_hash(container_id, ifname).to_be_bytes();
+    [0x0e, h[0], h[1], h[2], h[3], h[4]]
 }
 
 pub fn format_mac(bytes: &[u8]) -> String {
@@ -116,7 +127,7 @@ pub async fn ensure_bridge(
     } else {
         let msg = LinkBridge::new(name)
             .mtu(mtu)
-            .address(gateway_mac(gateway).to_vec())
+            .address(ip_mac(gateway).to_vec())
             .build();
         match h.link().add(msg).execute().await {
             Ok(()) => {}
@@ -144,42 +155,53 @@ pub async fn ensure_bridge(
     Ok(Link { up: true, ..b })
 }
 
-/// `0a:58:<gateway>`, the locally administered prefix Kubernetes' network plugins use for MACs
-/// derived from an IPv4 address.
-pub fn gateway_mac(ip: Ipv4Addr) -> [u8; 6] {
+/// `0a:58:<ip>`, the locally administered prefix Kubernetes' network plugins use for MACs derived
+/// from an IPv4 address. A pod's MAC derived from its IP means a reused IP never leaves a stale
+/// ARP entry behind in its neighbours.
+pub fn ip_mac(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
+/// One end of a veth pair to create.
+pub struct VethEnd<'a> {
+    pub name: &'a str,
+    pub mac: [u8; 6],
+}
+
 /// Creates the veth pair in one request: the host end (up, in the bridge) and the peer made
-/// straight in the pod's netns as `pod_ifname` (up), both with `mtu`. The kernel creates the peer
-/// in the namespace named by IFLA_NET_NS_FD inside the peer's own message, so no rename or move is
-/// needed, and the pod never sees a temporary name.
+/// straight in the pod's netns under its final name, both with `mtu` and the given MACs. The
+/// kernel creates the peer in the namespace named by IFLA_NET_NS_FD inside the peer's own message,
+/// so no rename or move is needed and the pod never sees a temporary name. (The peer cannot be
+/// brought up in the same request: the kernel answers ENOTCONN; [`set_up`] does it.)
 pub async fn create_veth(
     h: &Handle,
-    host_name: &str,
-    pod_ifname: &str,
+    host: &VethEnd<'_>,
+    pod: &VethEnd<'_>,
     pod_netns: &impl AsRawFd,
     mtu: u32,
     bridge_index: u32,
 ) -> Result<(), rtnetlink::Error> {
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
-        .name(pod_ifname)
+        .name(pod.name)
         .mtu(mtu)
+        .address(pod.mac.to_vec())
         .setns_by_fd(pod_netns.as_raw_fd())
         .build();
-    let msg = LinkVeth::new(host_name, pod_ifname)
+    let msg = LinkVeth::new(host.name, pod.name)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .mtu(mtu)
+        .address(host.mac.to_vec())
         .controller(bridge_index)
         .up()
         .build();
     h.link().add(msg).execute().await
 }
 
-pub async fn set_hairpin(h: &Handle, index: u32, on: bool) -> Result<(), rtnetlink::Error> {
+/// Hairpin on a bridge port, addressed by name (saves looking its index up).
+pub async fn set_hairpin(h: &Handle, port: &str, on: bool) -> Result<(), rtnetlink::Error> {
     h.link()
-        .set_port(LinkBridgePort::new(index).hairpin(on).build())
+        .set_port(LinkBridgePort::new(0).name(port).hairpin(on).build())
         .execute()
         .await
 }

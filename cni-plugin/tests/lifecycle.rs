@@ -55,8 +55,13 @@ fn results_are_shaped_for_each_version() {
             r["routes"],
             json!([{"dst": "0.0.0.0/0", "gw": "10.244.7.1"}])
         );
-        // The kernel has what the result says.
+        // The kernel has what the result says; the pod's MAC derives from its IP.
         assert_eq!(addrs_of(&pod, "eth0"), vec![result_ip(&r)]);
+        let ip: std::net::Ipv4Addr = result_ip(&r).parse().expect("ip");
+        let o = ip.octets();
+        let mac = format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        assert_eq!(ifaces[pod_if]["mac"], mac, "{r}");
+        assert!(pod.ip_out(&["link", "show", "eth0"]).contains(&mac));
         assert!(pod.ip_out(&["link", "show", "eth0"]).contains("mtu 1450"));
         node.cmd("DEL", &id, Some(&pod), "eth0", &node.conf(v))
             .expect_ok();

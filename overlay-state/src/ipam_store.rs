@@ -4,7 +4,7 @@
 //! ```text
 //! <dataDir>/<network-name>/
 //!     lock                  flock(2)ed exclusively by whoever allocates or releases
-//!     last_reserved_ip      the IP handed out last; the next search starts after it
+//!     last_reserved_ip      the IP handed out last; the next search starts after it (a hint)
 //!     10.244.7.2            one file per allocated IP: "<container id>\n<ifname>\n"
 //!     10.244.7.3
 //!     key.<16 hex>          index: the IP held by one (container id, ifname), named by its hash
@@ -242,18 +242,20 @@ impl IpamStore {
         }
     }
 
-    /// The IPs taken, by file name alone (no file is read).
-    fn taken(&self) -> Result<HashSet<u32>, IpamError> {
+    /// The IPs taken, by file name alone (no file is read). Under the lock, also removes the temp
+    /// files killed allocators left: only the lock holder writes temp files, so any seen then is
+    /// stale.
+    fn taken_removing_stale(&self) -> Result<HashSet<u32>, IpamError> {
         let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
         let mut out = HashSet::new();
         for entry in entries {
             let entry = entry.map_err(self.io(&self.dir))?;
-            if let Some(ip) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
-            {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(ip) = name.parse::<Ipv4Addr>() {
                 out.insert(u32::from(ip));
+            } else if name.starts_with(TMP_PREFIX) {
+                let _ = fs::remove_file(entry.path());
             }
         }
         Ok(out)
@@ -269,11 +271,10 @@ impl IpamStore {
     ) -> Result<Ipv4Addr, IpamError> {
         let (first, last) = pod_range(subnet).ok_or(IpamError::SubnetTooSmall(subnet))?;
         let _lock = self.lock()?;
-        self.remove_stale_temp_files()?;
         if let Some(ip) = self.find(key)? {
             return Ok(ip);
         }
-        let used = self.taken()?;
+        let used = self.taken_removing_stale()?;
         let (first, last) = (u32::from(first), u32::from(last));
         let capacity = (last - first + 1) as usize;
         let allocated = used
@@ -301,7 +302,7 @@ impl IpamStore {
             }
             let ip = Ipv4Addr::from(candidate);
             // Index first: an IP file must never exist without its index entry.
-            self.write_atomic(&key.index_name(), format!("{ip}\n").as_bytes())?;
+            self.write_hint(&key.index_name(), ip)?;
             if self.create_exclusive(&ip.to_string(), content.as_bytes())? {
                 self.write_last_reserved(ip)?;
                 return Ok(ip);
@@ -341,7 +342,7 @@ impl IpamStore {
             return Ok(Vec::new());
         }
         let _lock = self.lock()?;
-        self.remove_stale_temp_files()?;
+        self.taken_removing_stale()?;
         let mut released = Vec::new();
         let mut kept = HashSet::new();
         for a in self.list()? {
@@ -412,36 +413,15 @@ impl IpamStore {
 
     /// Only a hint for the search, so losing it to a crash costs nothing but the search order.
     fn write_last_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
-        self.write_atomic(LAST_RESERVED_FILE, format!("{ip}\n").as_bytes())
+        self.write_hint(LAST_RESERVED_FILE, ip)
     }
 
-    /// Temp + rename: a reader sees the old content or the new, never a torn one.
-    fn write_atomic(&self, name: &str, content: &[u8]) -> Result<(), IpamError> {
+    /// Written in place, without temp + rename: both files holding an IP are hints that are
+    /// checked before use, so a torn write (a crash mid-write) reads as absent or as an IP that
+    /// fails its check, never as something trusted.
+    fn write_hint(&self, name: &str, ip: Ipv4Addr) -> Result<(), IpamError> {
         let path = self.dir.join(name);
-        let tmp = self
-            .dir
-            .join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
-        let result = fs::write(&tmp, content).and_then(|()| fs::rename(&tmp, &path));
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(self.io(&path))
-    }
-
-    /// Only the lock holder writes temp files, so under the lock every one is a killed
-    /// allocator's leftover.
-    fn remove_stale_temp_files(&self) -> Result<(), IpamError> {
-        let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
-        for entry in entries.flatten() {
-            if entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(TMP_PREFIX))
-            {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        Ok(())
+        fs::write(&path, format!("{ip}\n")).map_err(self.io(&path))
     }
 }
 

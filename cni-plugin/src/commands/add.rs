@@ -24,10 +24,18 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     let host = netns::connect_here()?;
     let pod = netns::connect_in(&pod_ns)?;
 
-    // Before anything changes: an existing interface belongs to someone else (or to an earlier
+    let mtu = conf.mtu.unwrap_or(subnet_file.mtu);
+    let gateway = subnet_file.gateway();
+    let prefix = subnet_file.subnet.prefix();
+    // The pod-side check and the node's bridge are independent: one round trip's wait for both.
+    // (Making the node's bridge is no change to the pod, and every ADD needs it anyway.)
+    let (existing, bridge) = futures::join!(
+        link::by_name(&pod, &env.ifname),
+        link::ensure_bridge(&host, &conf.bridge, gateway, prefix, mtu),
+    );
+    // Before the store changes: an existing interface belongs to someone else (or to an earlier
     // ADD that succeeded), so it must neither be touched nor have its IP released.
-    if link::by_name(&pod, &env.ifname)
-        .await
+    if existing
         .map_err(|e| CniError::kernel("cannot list the pod's links", e))?
         .is_some()
     {
@@ -40,13 +48,8 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             ),
         ));
     }
-
-    let mtu = conf.mtu.unwrap_or(subnet_file.mtu);
-    let gateway = subnet_file.gateway();
-    let prefix = subnet_file.subnet.prefix();
-    let bridge = link::ensure_bridge(&host, &conf.bridge, gateway, prefix, mtu)
-        .await
-        .map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
+    let bridge =
+        bridge.map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
 
     let key = env.key();
     let ip = store.allocate(subnet_file.subnet, &key)?;
@@ -66,7 +69,7 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
         },
     )
     .await;
-    let (host_link, pod_link) = match attached {
+    let (host_mac, pod_mac) = match attached {
         Ok(links) => links,
         Err(e) => {
             // Undo in reverse so the IP is free only once no interface carries it.
@@ -85,12 +88,12 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             },
             Interface {
                 name: host_name.clone(),
-                mac: host_link.mac,
+                mac: host_mac,
                 ..Default::default()
             },
             Interface {
                 name: env.ifname.clone(),
-                mac: pod_link.mac,
+                mac: pod_mac,
                 mtu: Some(mtu),
                 sandbox: Some(netns_path.display().to_string()),
                 ..Default::default()
@@ -139,26 +142,26 @@ fn pod_routes(conf: &NetConf, subnet_file: &SubnetFile) -> Vec<(Ipv4Network, Ipv
     }
 }
 
+/// The pair made and configured. Returns the MACs of the host end and the pod's interface.
 async fn attach(
     conf: &NetConf,
     env: &Env,
     subnet_file: &SubnetFile,
     a: &Attachment<'_>,
-) -> Result<(link::Link, link::Link), CniError> {
+) -> Result<(String, String), CniError> {
     let kernel = |what: &str| {
         let what = what.to_string();
         move |e: rtnetlink::Error| CniError::kernel(what, e)
     };
-    let create = || {
-        link::create_veth(
-            a.host,
-            a.host_name,
-            &env.ifname,
-            a.pod_ns,
-            a.mtu,
-            a.bridge_index,
-        )
+    let host_end = link::VethEnd {
+        name: a.host_name,
+        mac: link::host_veth_mac(&env.container_id, &env.ifname),
     };
+    let pod_end = link::VethEnd {
+        name: &env.ifname,
+        mac: link::ip_mac(a.ip),
+    };
+    let create = || link::create_veth(a.host, &host_end, &pod_end, a.pod_ns, a.mtu, a.bridge_index);
     match create().await {
         Ok(()) => {}
         // The host end's name derives from (container id, ifname), and the pod has no such
@@ -173,35 +176,39 @@ async fn attach(
         }
         Err(e) => return Err(kernel("cannot create the veth pair")(e)),
     }
-    let host_link = link::by_name(a.host, a.host_name)
-        .await
-        .map_err(kernel("cannot read the host veth"))?
-        .ok_or_else(|| CniError::new(code::KERNEL, "the host veth vanished"))?;
-    if conf.hairpin_mode {
-        link::set_hairpin(a.host, host_link.index, true)
+    // Host side and pod side are independent: one round trip's wait for both.
+    let hairpin = async {
+        if conf.hairpin_mode {
+            link::set_hairpin(a.host, a.host_name, true)
+                .await
+                .map_err(kernel("cannot turn on hairpin mode on the host veth"))?;
+        }
+        Ok::<(), CniError>(())
+    };
+    let pod_side = async {
+        let pod_link = link::by_name(a.pod, &env.ifname)
             .await
-            .map_err(kernel("cannot turn on hairpin mode on the host veth"))?;
-    }
-    let pod_link = link::by_name(a.pod, &env.ifname)
-        .await
-        .map_err(kernel("cannot read the pod's interface"))?
-        .ok_or_else(|| CniError::new(code::KERNEL, "the pod's interface vanished"))?;
-    // With the subnet's prefix, so the kernel adds the on-link route the gateway is reached by.
-    link::add_address(a.pod, pod_link.index, a.ip, subnet_file.subnet.prefix())
-        .await
-        .map_err(kernel("cannot add the pod's address"))?;
-    if !pod_link.up {
-        link::set_up(a.pod, pod_link.index)
-            .await
-            .map_err(kernel("cannot bring the pod's interface up"))?;
-    }
-    for (dst, gw) in pod_routes(conf, subnet_file) {
-        let dst = (dst.prefix() > 0).then(|| (dst.network(), dst.prefix()));
-        link::add_route(a.pod, dst, gw, pod_link.index)
-            .await
-            .map_err(kernel("cannot add the pod's route"))?;
-    }
-    Ok((host_link, pod_link))
+            .map_err(kernel("cannot read the pod's interface"))?
+            .ok_or_else(|| CniError::new(code::KERNEL, "the pod's interface vanished"))?;
+        // With the subnet's prefix, so the kernel adds the on-link route the gateway is reached
+        // by (once the link is up; the route via the gateway needs both).
+        let (addr, up) = futures::join!(
+            link::add_address(a.pod, pod_link.index, a.ip, subnet_file.subnet.prefix()),
+            link::set_up(a.pod, pod_link.index),
+        );
+        addr.map_err(kernel("cannot add the pod's address"))?;
+        up.map_err(kernel("cannot bring the pod's interface up"))?;
+        for (dst, gw) in pod_routes(conf, subnet_file) {
+            let dst = (dst.prefix() > 0).then(|| (dst.network(), dst.prefix()));
+            link::add_route(a.pod, dst, gw, pod_link.index)
+                .await
+                .map_err(kernel("cannot add the pod's route"))?;
+        }
+        Ok::<String, CniError>(pod_link.mac)
+    };
+    let (hairpin, pod_mac) = futures::join!(hairpin, pod_side);
+    hairpin?;
+    Ok((link::format_mac(&host_end.mac), pod_mac?))
 }
 
 /// Chained after another plugin: our interfaces, IPs and routes are appended to its result (IP
