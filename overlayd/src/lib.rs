@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod iptables_tools;
 pub mod logging;
 pub mod netlink;
 pub mod node;

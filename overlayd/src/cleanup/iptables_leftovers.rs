@@ -16,10 +16,10 @@ use std::fmt;
 use std::process::Stdio;
 
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::iptables_save::{self, SaveFormatError, SavedRule, SavedTable};
+use crate::iptables_tools::{self, ToolError};
 
 /// Chain name prefixes aws-node creates (followed by a number).
 const AWS_CHAIN_PREFIXES: [&str; 2] = ["AWS-SNAT-CHAIN-", "AWS-CONNMARK-CHAIN-"];
@@ -36,9 +36,6 @@ const AWS_COMMENTS: [&str; 9] = [
     "AWS CONNMARK CHAIN, EXCLUDED CIDR",
     "Block Node Local Pod access via IPv4",
 ];
-
-/// How long `-restore` waits for the xtables lock kube-proxy also takes.
-const XTABLES_LOCK_WAIT_SECS: &str = "10";
 
 #[derive(Debug, Error)]
 pub enum IptablesError {
@@ -60,38 +57,7 @@ pub enum IptablesError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Legacy,
-    Nft,
-}
-
-impl Backend {
-    pub const ALL: [Backend; 2] = [Backend::Legacy, Backend::Nft];
-
-    pub fn save_tool(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-save",
-            Backend::Nft => "iptables-nft-save",
-        }
-    }
-
-    pub fn restore_tool(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-restore",
-            Backend::Nft => "iptables-nft-restore",
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Backend::Legacy => "legacy",
-            Backend::Nft => "nft",
-        })
-    }
-}
+pub use crate::iptables_tools::Backend;
 
 /// An aws-node chain and the rules in it (they go with the chain).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,35 +225,20 @@ pub async fn read(backend: Backend) -> Result<Saved, IptablesError> {
 
 /// Feeds `input` to `<backend>-restore --noflush`.
 async fn restore(backend: Backend, input: &str) -> Result<(), IptablesError> {
-    let tool = backend.restore_tool();
-    let mut child = Command::new(tool)
-        .args(["--noflush", "--wait", XTABLES_LOCK_WAIT_SECS])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| IptablesError::Spawn { tool, source })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .await
-            .map_err(|source| IptablesError::Spawn { tool, source })?;
-        // Dropping stdin closes it, so the tool sees the end of its input.
-    }
-    let out = child
-        .wait_with_output()
+    iptables_tools::restore_noflush(backend, input)
         .await
-        .map_err(|source| IptablesError::Spawn { tool, source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(IptablesError::Failed {
-            tool,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        .map_err(|e| match e {
+            ToolError::Spawn { tool, source } => IptablesError::Spawn { tool, source },
+            ToolError::Failed {
+                tool,
+                status,
+                stderr,
+            } => IptablesError::Failed {
+                tool,
+                status,
+                stderr,
+            },
         })
-    }
 }
 
 /// Removes one table's leftovers: all at once, else item by item. One result per item, in order.

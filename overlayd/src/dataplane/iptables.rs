@@ -11,14 +11,12 @@
 //! their restore format is the stable, atomic interface to both backends.
 
 use std::fmt::Write as _;
-use std::process::Stdio;
 
 use ipnetwork::Ipv4Network;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 use tracing::{info, warn};
 
 use super::DataplaneError;
+use crate::iptables_tools::{self, ToolError};
 
 pub const NAT_CHAIN: &str = "OVERLAY-POSTRTG";
 pub const FWD_CHAIN: &str = "OVERLAY-FWD";
@@ -27,35 +25,7 @@ const NAT_JUMP: &str =
 const FWD_JUMP: &str =
     "-A FORWARD -m comment --comment \"overlayd: pod forwarding\" -j OVERLAY-FWD";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Legacy,
-    Nft,
-}
-
-impl Backend {
-    fn save(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-save",
-            Backend::Nft => "iptables-nft-save",
-        }
-    }
-    fn restore(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-restore",
-            Backend::Nft => "iptables-nft-restore",
-        }
-    }
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Backend::Legacy => "legacy",
-            Backend::Nft => "nf_tables",
-        })
-    }
-}
+pub use crate::iptables_tools::Backend;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
@@ -69,32 +39,19 @@ pub struct Iptables {
     random_fully: bool,
 }
 
-async fn output(program: &str, args: &[&str]) -> Result<String, DataplaneError> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| {
-            DataplaneError::Iptables(format!(
-                "cannot run {program}: {e}; is the iptables package installed?"
-            ))
-        })?;
-    if !out.status.success() {
-        return Err(DataplaneError::Iptables(format!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+fn tool_err(e: ToolError) -> DataplaneError {
+    if e.is_missing() {
+        DataplaneError::Iptables(format!("{e}; install the iptables package (>= 1.8)"))
+    } else {
+        DataplaneError::Iptables(e.to_string())
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Iptables {
     /// Picks the backend as kube-proxy's wrapper does.
     pub async fn detect() -> Result<Iptables, DataplaneError> {
-        let nft = output("iptables-nft-save", &[]).await.ok();
-        let legacy = output("iptables-legacy-save", &[]).await.ok();
+        let nft = iptables_tools::save(Backend::Nft, &[]).await.ok();
+        let legacy = iptables_tools::save(Backend::Legacy, &[]).await.ok();
         let canary = |s: &Option<String>| {
             s.as_deref().is_some_and(|t| {
                 t.contains("KUBE-IPTABLES-HINT") || t.contains("KUBE-KUBELET-CANARY")
@@ -117,16 +74,9 @@ impl Iptables {
             _ if rules(&legacy) > rules(&nft) => Backend::Legacy,
             _ => Backend::Nft,
         };
-        let version = output(
-            if backend == Backend::Nft {
-                "iptables-nft"
-            } else {
-                "iptables-legacy"
-            },
-            &["--version"],
-        )
-        .await
-        .unwrap_or_default();
+        let version = iptables_tools::output(backend.iptables_tool(), &["--version"])
+            .await
+            .unwrap_or_default();
         Ok(Iptables {
             backend,
             random_fully: supports_random_fully(&version),
@@ -166,35 +116,15 @@ impl Iptables {
     }
 
     async fn save(&self, table: &str) -> Result<String, DataplaneError> {
-        output(self.backend.save(), &["-t", table]).await
+        iptables_tools::save(self.backend, &["-t", table])
+            .await
+            .map_err(tool_err)
     }
 
     async fn restore(&self, input: &str) -> Result<(), DataplaneError> {
-        let program = self.backend.restore();
-        let mut child = Command::new(program)
-            .args(["--noflush", "--wait"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| DataplaneError::Iptables(format!("cannot run {program}: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(input.as_bytes())
-                .await
-                .map_err(|e| DataplaneError::Iptables(format!("writing to {program}: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
+        iptables_tools::restore_noflush(self.backend, input)
             .await
-            .map_err(|e| DataplaneError::Iptables(format!("{program}: {e}")))?;
-        if !out.status.success() {
-            return Err(DataplaneError::Iptables(format!(
-                "{program} rejected overlayd's rules: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+            .map_err(|e| DataplaneError::Iptables(format!("overlayd's rules were rejected: {e}")))
     }
 
     /// Our chain's rules and the jumps to it, as `iptables-save` prints them now.
