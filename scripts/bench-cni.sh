@@ -79,10 +79,10 @@ n=$1 par=$2 prefix=$3 tmp=$4
 declare -A plugin=([o]=$5 [r]=$6) conf=([o]=$tmp/overlay.json [r]=$tmp/bridge.json)
 export CNI_PATH=/usr/lib/cni CNI_IFNAME=eth0
 us() { local t=${1/./}; echo $((10#$t)); }
-call() { # o|r COMMAND POD ID-PREFIX
-  local env=("CNI_COMMAND=$2" "CNI_CONTAINERID=$4-$3" "CNI_NETNS=/var/run/netns/$prefix-$1$3")
-  env "${env[@]}" "${plugin[$1]}" <"${conf[$1]}" >/dev/null ||
-    { echo "$1: $2 of pod $3 failed:" >&2; env "${env[@]}" "${plugin[$1]}" <"${conf[$1]}" >&2; exit 1; }
+call() { # o|r COMMAND POD ID-PREFIX  (the shell execs the plugin itself: no helper like env(1))
+  CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 "${plugin[$1]}" <"${conf[$1]}" >/dev/null ||
+    { echo "$1: $2 of pod $3 failed:" >&2
+      CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 "${plugin[$1]}" <"${conf[$1]}" >&2; exit 1; }
 }
 declare -A sum
 timed() { # COMMAND ID-PREFIX: both plugins, alternating; totals in sum[o], sum[r]
