@@ -278,3 +278,50 @@ fn chained_add_appends_to_prev_result() {
     assert_eq!(r["ips"][1]["interface"], 3);
     assert_eq!(r["dns"]["nameservers"][0], "10.96.0.10");
 }
+
+#[test]
+fn config_options_mtu_hairpin_and_gateway() {
+    if !require_root("config_options_mtu_hairpin_and_gateway") {
+        return;
+    }
+    let node = Node::new("10.244.15.1/24");
+    let pod = Netns::new("pd");
+    let mut conf = node.conf("1.1.0");
+    conf["mtu"] = json!(1400);
+    conf["hairpinMode"] = json!(false);
+    conf["isDefaultGateway"] = json!(false);
+    conf["bridge"] = json!("podbr0");
+    let r = node
+        .cmd("ADD", "opts", Some(&pod), "net1", &conf)
+        .expect_ok()
+        .json();
+    // Only the cluster network goes via the gateway; the default route is someone else's.
+    assert_eq!(
+        r["routes"],
+        json!([{"dst": "10.244.0.0/16", "gw": "10.244.15.1"}])
+    );
+    assert!(pod.ip_out(&["route", "show", "default"]).trim().is_empty());
+    assert!(pod
+        .ip_out(&["route", "show", "10.244.0.0/16"])
+        .contains("via 10.244.15.1 dev net1"));
+    assert!(pod.ip_out(&["link", "show", "net1"]).contains("mtu 1400"));
+    assert!(node.links().contains("podbr0"));
+    let host = node
+        .links()
+        .into_iter()
+        .find(|l| l.starts_with("veth"))
+        .expect("host veth");
+    let details = node.ns.ip_out(&["-d", "link", "show", &host]);
+    assert!(
+        details.contains("mtu 1400") && details.contains("master podbr0"),
+        "{details}"
+    );
+    assert!(details.contains("hairpin off"), "{details}");
+    assert!(pod.ping("10.244.15.1"));
+    conf["prevResult"] = r;
+    node.cmd("CHECK", "opts", Some(&pod), "net1", &conf)
+        .expect_ok();
+    node.cmd("DEL", "opts", Some(&pod), "net1", &conf)
+        .expect_ok();
+    assert_eq!(node.links(), ["podbr0".to_string()].into());
+}
