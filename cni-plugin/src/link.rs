@@ -298,3 +298,29 @@ pub async fn routes(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("0123456789abcdef", "eth0");
+        assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("veth"));
+        assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));
+        let mac = host_veth_mac("x", "eth0");
+        assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+    }
+
+    #[test]
+    fn ip_macs_use_the_kubernetes_prefix() {
+        assert_eq!(
+            format_mac(&ip_mac(Ipv4Addr::new(10, 244, 7, 5))),
+            "0a:58:0a:f4:07:05"
+        );
+    }
+}

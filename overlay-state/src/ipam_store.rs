@@ -272,7 +272,11 @@ impl IpamStore {
         let (first, last) = pod_range(subnet).ok_or(IpamError::SubnetTooSmall(subnet))?;
         let _lock = self.lock()?;
         if let Some(ip) = self.find(key)? {
-            return Ok(ip);
+            if (first..=last).contains(&ip) {
+                return Ok(ip);
+            }
+            // Held from a subnet this node no longer has (renumbered): of no use to the pod.
+            self.remove_ip_file(ip)?;
         }
         let used = self.taken_removing_stale()?;
         let (first, last) = (u32::from(first), u32::from(last));
@@ -519,6 +523,18 @@ mod tests {
         let left: Vec<_> = store.list().unwrap().into_iter().map(|a| a.key).collect();
         assert_eq!(left, vec![Some(key(1)), Some(key(3))]);
         assert!(!store.dir().join(".tmp.10.1.2.9.1234").exists());
+    }
+
+    #[test]
+    fn a_key_holding_an_ip_of_another_subnet_gets_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let old = store.allocate(subnet("10.1.2.0/24"), &key(1)).unwrap();
+        let new = store.allocate(subnet("10.1.3.0/24"), &key(1)).unwrap();
+        assert_eq!(new, Ipv4Addr::new(10, 1, 3, 2));
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(store.find(&key(1)).unwrap(), Some(new));
+        assert!(!store.dir().join(old.to_string()).exists());
     }
 
     #[test]
