@@ -173,7 +173,9 @@ impl IpamStore {
             .open(&path)
             .map_err(self.io(&path))?;
         // flock(2): released by the kernel when the process dies, and the same lock the Go
-        // plugins take, should anyone point one at this directory.
+        // plugins take, should anyone point one at this directory. `File::lock` is std since
+        // Rust 1.89, newer than the workspace's declared rust-version (1.85), hence the allow
+        // until that is raised.
         #[allow(clippy::incompatible_msrv)]
         file.lock().map_err(self.io(&path))?;
         Ok(StoreLock { _file: file })
