@@ -4,6 +4,16 @@
 //!
 //! One process per CNI call, so it stays small: a current-thread tokio runtime for netlink, the
 //! IPAM store on local disk, nothing else.
+//!
+//! Network config keys (all optional but the CNI ones): `subnetFile` (default
+//! `/run/overlayd/subnet.env`), `dataDir` (IPAM store root, default `/var/lib/cni/overlay`; the
+//! store is `<dataDir>/<name>/`), `bridge` (default `cni0`), `mtu` (default: the subnet file's),
+//! `hairpinMode` (default true), `isDefaultGateway` (default true; when false the pod only gets a
+//! route to the cluster network via the gateway).
+//!
+//! Error codes: the spec's 1, 3 (netns gone), 4, 5, 6, 7, 11 (no subnet leased yet), 50 (STATUS),
+//! and this plugin's 100 (subnet exhausted), 101 (`CNI_IFNAME` exists in the pod), 102 (CHECK
+//! found a difference), 103 (a kernel call failed).
 
 mod commands;
 mod config;
