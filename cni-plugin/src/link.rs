@@ -213,12 +213,15 @@ pub async fn set_up(h: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
         .await
 }
 
-/// Deletes the link called `name`; a link that is not there is not an error.
+/// Deletes the link called `name` (one request: the kernel finds it by name); a link that is not
+/// there is not an error. Returns whether there was one.
 pub async fn delete_by_name(h: &Handle, name: &str) -> Result<bool, rtnetlink::Error> {
-    let Some(l) = by_name(h, name).await? else {
-        return Ok(false);
-    };
-    match h.link().del(l.index).execute().await {
+    match h
+        .link()
+        .del_with_message(LinkUnspec::new_with_name(name).build())
+        .execute()
+        .await
+    {
         Ok(()) => Ok(true),
         Err(e) if is_errno(&e, ENODEV) => Ok(false),
         Err(e) => Err(e),
