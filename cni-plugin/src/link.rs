@@ -155,13 +155,7 @@ pub async fn ensure_bridge(
     Ok(Link { up: true, ..b })
 }
 
-/// `0a:58:<ip>`, the locally administered prefix Kubernetes' network plugins use for MACs derived
-/// from an IPv4 address. A pod's MAC derived from its IP means a reused IP never leaves a stale
-/// ARP entry behind in its neighbours.
-pub fn ip_mac(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
-    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
-}
+pub use overlay_state::ip_mac;
 
 /// One end of a veth pair to create.
 pub struct VethEnd<'a> {

@@ -38,6 +38,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::Ipv4Network;
+use nix::fcntl::{Flock, FlockArg};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/overlay";
 const LOCK_FILE: &str = "lock";
@@ -138,7 +139,7 @@ pub struct IpamStore {
 
 /// Held while allocating or releasing; the flock goes with the file descriptor.
 pub struct StoreLock {
-    _file: File,
+    _lock: Flock<File>,
 }
 
 impl IpamStore {
@@ -173,12 +174,11 @@ impl IpamStore {
             .open(&path)
             .map_err(self.io(&path))?;
         // flock(2): released by the kernel when the process dies, and the same lock the Go
-        // plugins take, should anyone point one at this directory. `File::lock` is std since
-        // Rust 1.89, newer than the workspace's declared rust-version (1.85), hence the allow
-        // until that is raised.
-        #[allow(clippy::incompatible_msrv)]
-        file.lock().map_err(self.io(&path))?;
-        Ok(StoreLock { _file: file })
+        // plugins take, should anyone point one at this directory. (std's `File::lock` does the
+        // same but needs Rust 1.89; the workspace supports 1.85.)
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| self.io(&path)(io::Error::from(errno)))?;
+        Ok(StoreLock { _lock: lock })
     }
 
     /// Every allocation, sorted by IP. Needs no lock; an absent store is empty.

@@ -72,6 +72,14 @@ fn full_mesh_pod_to_pod_across_three_nodes() {
         }
     }
     assert!(failures.is_empty(), "unreachable pairs: {failures:?}");
+    // Each bridge carries the fixed MAC derived from its gateway, whoever created it.
+    for i in 0..3 {
+        let gw = u32::from(lab.subnet(i).network()) + 1;
+        let o = gw.to_be_bytes();
+        let mac = format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        let link = lab.nodes[i].ns.ip_out(&["link", "show", "cni0"]);
+        assert!(link.contains(&mac), "node{i}: {link}");
+    }
     // A pod reaches another node's underlay address (masqueraded on the way out of Network).
     let pod = lab.pod(0, 0);
     assert!(

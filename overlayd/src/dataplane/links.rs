@@ -173,15 +173,28 @@ pub async fn ensure_vtep(handle: &Handle, spec: &VtepSpec) -> Result<u32, Datapl
 
 /// Makes the bridge exist, up, with the gateway address and MTU. Returns its index.
 pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, DataplaneError> {
+    // The same fixed MAC the CNI plugin gives a bridge it creates: a bridge otherwise takes the
+    // lowest MAC of its ports, which changes as pods come and go and leaves pods with a stale ARP
+    // entry for their gateway.
+    let want_mac = overlay_state::ip_mac(spec.gateway.ip());
     let index = match link_by_name(handle, &spec.name).await? {
         Some(msg) if kind(&msg) == Some(&InfoKind::Bridge) => {
             let index = msg.header.index;
             if netlink::link_mtu(&msg) != Some(spec.mtu)
+                || mac(&msg) != Some(&want_mac[..])
                 || !msg.header.flags.contains(LinkFlags::Up)
             {
+                // The address first: the plugin takes an up bridge as configured.
+                ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
                 handle
                     .link()
-                    .set(LinkUnspec::new_with_index(index).mtu(spec.mtu).up().build())
+                    .set(
+                        LinkUnspec::new_with_index(index)
+                            .mtu(spec.mtu)
+                            .address(want_mac.to_vec())
+                            .up()
+                            .build(),
+                    )
                     .execute()
                     .await
                     .map_err(|e| DataplaneError::netlink(format!("setting up {}", spec.name), e))?;
@@ -195,9 +208,15 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
             )))
         }
         None => {
+            // Created down; brought up only once it has its address (below).
             let add = handle
                 .link()
-                .add(LinkBridge::new(&spec.name).mtu(spec.mtu).up().build())
+                .add(
+                    LinkBridge::new(&spec.name)
+                        .mtu(spec.mtu)
+                        .address(want_mac.to_vec())
+                        .build(),
+                )
                 .execute()
                 .await;
             match add {
@@ -211,10 +230,18 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
                     ))
                 }
             }
-            link_by_name(handle, &spec.name)
+            let index = link_by_name(handle, &spec.name)
                 .await?
                 .map(|m| m.header.index)
-                .ok_or_else(|| DataplaneError::Vanished(spec.name.clone()))?
+                .ok_or_else(|| DataplaneError::Vanished(spec.name.clone()))?;
+            ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(|e| DataplaneError::netlink(format!("bringing up {}", spec.name), e))?;
+            index
         }
     };
     ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
