@@ -608,3 +608,22 @@ fn status_reports_the_lease_and_every_peer_route() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("NO ROUTE"), "{text}");
 }
+
+#[test]
+fn ip_masq_false_installs_no_masquerade_but_keeps_forwarding() {
+    if !require_root("ip_masq_false_installs_no_masquerade_but_keeps_forwarding") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    let n = lab.add_node(&["--ip-masq=false"]);
+    let ns = &lab.nodes[n].ns;
+    let rules = wait_for("overlayd's chains", Duration::from_secs(5), || {
+        let t = overlay_testlab::lab::text(&mut ns.cmd("iptables-save"));
+        t.contains("-A OVERLAY-FWD").then_some(t)
+    });
+    assert!(rules.contains(":OVERLAY-POSTRTG"), "{rules}");
+    assert!(!rules.contains("MASQUERADE"), "{rules}");
+    assert!(rules.contains("-A OVERLAY-FWD -s 10.244.0.0/16"), "{rules}");
+    let file = std::fs::read_to_string(&lab.nodes[n].subnet_file).unwrap();
+    assert!(file.contains("OVERLAY_IPMASQ=false"), "{file}");
+}
