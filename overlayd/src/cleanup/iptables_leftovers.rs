@@ -13,10 +13,8 @@
 //! KUBE-* chains are never touched.
 
 use std::fmt;
-use std::process::Stdio;
 
 use thiserror::Error;
-use tokio::process::Command;
 
 use super::iptables_save::{self, SaveFormatError, SavedRule, SavedTable};
 use crate::iptables_tools::{self, ToolError};
@@ -39,17 +37,8 @@ const AWS_COMMENTS: [&str; 9] = [
 
 #[derive(Debug, Error)]
 pub enum IptablesError {
-    #[error("cannot run {tool}: {source}")]
-    Spawn {
-        tool: &'static str,
-        source: std::io::Error,
-    },
-    #[error("{tool} failed ({status}): {stderr}")]
-    Failed {
-        tool: &'static str,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     #[error("cannot read the output of {tool}: {source}")]
     Format {
         tool: &'static str,
@@ -192,32 +181,18 @@ pub fn kernel_lacks_it(stderr: &str) -> bool {
 /// Reads one backend.
 pub async fn read(backend: Backend) -> Result<Saved, IptablesError> {
     let tool = backend.save_tool();
-    let out = match Command::new(tool)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-    {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let text = match iptables_tools::save(backend, &[]).await {
+        Ok(t) => t,
+        Err(e) if e.is_missing() => {
             return Ok(Saved::Unavailable(format!("{tool} is not installed")))
         }
-        Err(source) => return Err(IptablesError::Spawn { tool, source }),
-    };
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if kernel_lacks_it(&stderr) {
+        Err(ToolError::Failed { stderr, .. }) if kernel_lacks_it(&stderr) => {
             return Ok(Saved::Unavailable(format!(
                 "the kernel does not support this backend ({tool}: {stderr})"
-            )));
+            )))
         }
-        return Err(IptablesError::Failed {
-            tool,
-            status: out.status.to_string(),
-            stderr,
-        });
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
+        Err(e) => return Err(e.into()),
+    };
     iptables_save::parse(&text)
         .map(Saved::Tables)
         .map_err(|source| IptablesError::Format { tool, source })
@@ -225,20 +200,7 @@ pub async fn read(backend: Backend) -> Result<Saved, IptablesError> {
 
 /// Feeds `input` to `<backend>-restore --noflush`.
 async fn restore(backend: Backend, input: &str) -> Result<(), IptablesError> {
-    iptables_tools::restore_noflush(backend, input)
-        .await
-        .map_err(|e| match e {
-            ToolError::Spawn { tool, source } => IptablesError::Spawn { tool, source },
-            ToolError::Failed {
-                tool,
-                status,
-                stderr,
-            } => IptablesError::Failed {
-                tool,
-                status,
-                stderr,
-            },
-        })
+    Ok(iptables_tools::restore_noflush(backend, input).await?)
 }
 
 /// Removes one table's leftovers: all at once, else item by item. One result per item, in order.
