@@ -104,18 +104,7 @@ pub async fn ensure_vtep(handle: &Handle, spec: &VtepSpec) -> Result<u32, Datapl
                 || mac(&msg) != Some(&spec.mac.0[..])
                 || !up
             {
-                handle
-                    .link()
-                    .set(
-                        LinkUnspec::new_with_index(index)
-                            .mtu(spec.mtu)
-                            .address(spec.mac.0.to_vec())
-                            .up()
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(|e| DataplaneError::netlink(format!("setting up {}", spec.name), e))?;
+                set_up(handle, index, &spec.name, spec.mtu, spec.mac.0).await?;
             }
             index
         }
@@ -186,18 +175,7 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
             {
                 // The address first: the plugin takes an up bridge as configured.
                 ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
-                handle
-                    .link()
-                    .set(
-                        LinkUnspec::new_with_index(index)
-                            .mtu(spec.mtu)
-                            .address(want_mac.to_vec())
-                            .up()
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(|e| DataplaneError::netlink(format!("setting up {}", spec.name), e))?;
+                set_up(handle, index, &spec.name, spec.mtu, want_mac).await?;
             }
             index
         }
@@ -246,6 +224,28 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
     };
     ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
     Ok(index)
+}
+
+/// Sets MTU and MAC and brings the link up, in one request.
+async fn set_up(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    mtu: u32,
+    mac: [u8; 6],
+) -> Result<(), DataplaneError> {
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .mtu(mtu)
+                .address(mac.to_vec())
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| DataplaneError::netlink(format!("setting up {name}"), e))
 }
 
 /// Adds `want` to the link and removes every other IPv4 address (a stale gateway from an earlier
