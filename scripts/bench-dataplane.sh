@@ -23,6 +23,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+. scripts/lib/deps.sh
+ensure_deps
 echo "==> overlay side: scripts/lab.sh up 2"
 scripts/lab.sh down >/dev/null 2>&1 || true
 scripts/lab.sh up 2 >/tmp/obench-lab.out 2>&1 || { cat /tmp/obench-lab.out; exit 1; }

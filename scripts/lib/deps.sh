@@ -16,6 +16,7 @@ OVERLAY_DEPS=(
   "iperf3:iperf3"
   "pgrep:procps"
   "openssl:openssl"              # a throwaway PKI for the TLS-to-etcd test
+  "python3:python3"              # the benchmarks read iperf3's JSON
   "/usr/lib/cni/host-local:containernetworking-plugins"  # the reference the CNI bench compares with
 )
 
