@@ -232,6 +232,7 @@ async fn supervise(
     let mut latest = Arc::new(LeaseSet::default());
     // A failure that repeats every pass is logged once, not every second.
     let mut last_error = String::new();
+    let mut last_iptables_error = String::new();
 
     let result = loop {
         let keeper_done = async {
@@ -292,8 +293,13 @@ async fn supervise(
             }
             _ = iptables_tick.tick() => {
                 if let Some(dp) = dataplane.as_deref_mut() {
-                    if let Err(e) = dp.ensure_iptables().await {
-                        error!("{e}");
+                    match dp.ensure_iptables().await {
+                        Ok(_) => last_iptables_error.clear(),
+                        Err(e) if e.to_string() != last_iptables_error => {
+                            error!("{e}; checking again every {:?}", iptables_tick.period());
+                            last_iptables_error = e.to_string();
+                        }
+                        Err(_) => {}
                     }
                 }
                 continue;
