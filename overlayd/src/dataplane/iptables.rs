@@ -127,57 +127,36 @@ impl Iptables {
             .map_err(|e| DataplaneError::Iptables(format!("overlayd's rules were rejected: {e}")))
     }
 
-    /// Our chain's rules and the jumps to it, as `iptables-save` prints them now.
-    async fn current(&self) -> Result<(Vec<String>, Vec<String>), DataplaneError> {
-        let nat = self.save("nat").await?;
-        let filter = self.save("filter").await?;
-        let ours = |text: &str, chain: &str| -> Vec<String> {
-            text.lines()
-                .filter(|l| {
-                    l.starts_with(&format!("-A {chain} ")) || l.ends_with(&format!("-j {chain}"))
-                })
-                .map(str::to_string)
-                .collect()
-        };
-        Ok((ours(&nat, NAT_CHAIN), ours(&filter, FWD_CHAIN)))
+    /// Our chain in `table`, read with one `-save`.
+    async fn chain(&self, table: &str, chain: &'static str) -> Result<ChainState, DataplaneError> {
+        Ok(ChainState::parse(&self.save(table).await?, chain))
     }
 
     /// Brings the rules to `r` if they differ (or were flushed). Returns whether it wrote anything.
     pub async fn ensure(&self, r: &Rules) -> Result<bool, DataplaneError> {
-        let (nat_now, fwd_now) = self.current().await?;
+        let nat_now = self.chain("nat", NAT_CHAIN).await?;
+        let fwd_now = self.chain("filter", FWD_CHAIN).await?;
         let (nat, fwd) = self.chains_text(r);
-        let jumps =
-            |lines: &[String], jump: &str| lines.iter().filter(|l| l.as_str() == jump).count();
         let body = |text: &str| -> Vec<String> {
             text.lines()
                 .filter(|l| l.starts_with("-A"))
                 .map(str::to_string)
                 .collect()
         };
-        let nat_rules_now: Vec<String> = nat_now
-            .iter()
-            .filter(|l| l.starts_with(&format!("-A {NAT_CHAIN} ")))
-            .cloned()
-            .collect();
-        let fwd_rules_now: Vec<String> = fwd_now
-            .iter()
-            .filter(|l| l.starts_with(&format!("-A {FWD_CHAIN} ")))
-            .cloned()
-            .collect();
-        let nat_ok = jumps(&nat_now, NAT_JUMP) == 1 && same_rules(&nat_rules_now, &body(&nat));
-        let fwd_ok = jumps(&fwd_now, FWD_JUMP) == 1 && same_rules(&fwd_rules_now, &body(&fwd));
+        let nat_ok = nat_now.jumps(NAT_JUMP) == 1 && same_rules(&nat_now.rules, &body(&nat));
+        let fwd_ok = fwd_now.jumps(FWD_JUMP) == 1 && same_rules(&fwd_now.rules, &body(&fwd));
         if nat_ok && fwd_ok {
             return Ok(false);
         }
         let mut input = String::from("*nat\n");
         input.push_str(&nat);
-        input.push_str(&fix_jumps(&nat_now, NAT_JUMP));
+        input.push_str(&fix_jumps(nat_now.jumps(NAT_JUMP), NAT_JUMP));
         input.push_str("COMMIT\n*filter\n");
         input.push_str(&fwd);
-        input.push_str(&fix_jumps(&fwd_now, FWD_JUMP));
+        input.push_str(&fix_jumps(fwd_now.jumps(FWD_JUMP), FWD_JUMP));
         input.push_str("COMMIT\n");
         self.restore(&input).await?;
-        if nat_rules_now.is_empty() && fwd_rules_now.is_empty() {
+        if nat_now.rules.is_empty() && fwd_now.rules.is_empty() {
             info!(backend = %self.backend, masquerade = r.ip_masq, "installed iptables rules");
         } else {
             warn!(backend = %self.backend, "iptables rules had drifted (flushed or edited); restored them");
@@ -187,41 +166,64 @@ impl Iptables {
 
     /// Removes our chains and the jumps to them. Missing ones are fine.
     pub async fn remove(&self) -> Result<bool, DataplaneError> {
-        let (nat_now, fwd_now) = self.current().await?;
-        let nat_exists = self.save("nat").await?.lines().any(|l| {
-            l == format!(":{NAT_CHAIN} - [0:0]") || l.starts_with(&format!(":{NAT_CHAIN} "))
-        });
-        let fwd_exists = self
-            .save("filter")
-            .await?
-            .lines()
-            .any(|l| l.starts_with(&format!(":{FWD_CHAIN} ")));
-        if !nat_exists && !fwd_exists {
+        let nat = self.chain("nat", NAT_CHAIN).await?;
+        let fwd = self.chain("filter", FWD_CHAIN).await?;
+        if !nat.declared && !fwd.declared {
             return Ok(false);
         }
-        let mut input = String::from("*nat\n");
-        for j in nat_now
-            .iter()
-            .filter(|l| l.ends_with(&format!("-j {NAT_CHAIN}")))
-        {
-            input.push_str(&format!("-D{}\n", &j[2..]));
+        let mut input = String::new();
+        for (table, chain, state) in [("nat", NAT_CHAIN, &nat), ("filter", FWD_CHAIN, &fwd)] {
+            input.push_str(&format!("*{table}\n"));
+            for j in &state.jump_rules {
+                input.push_str(&format!("-D{}\n", &j[2..]));
+            }
+            if state.declared {
+                input.push_str(&format!(":{chain} - [0:0]\n-X {chain}\n"));
+            }
+            input.push_str("COMMIT\n");
         }
-        if nat_exists {
-            input.push_str(&format!(":{NAT_CHAIN} - [0:0]\n-X {NAT_CHAIN}\n"));
-        }
-        input.push_str("COMMIT\n*filter\n");
-        for j in fwd_now
-            .iter()
-            .filter(|l| l.ends_with(&format!("-j {FWD_CHAIN}")))
-        {
-            input.push_str(&format!("-D{}\n", &j[2..]));
-        }
-        if fwd_exists {
-            input.push_str(&format!(":{FWD_CHAIN} - [0:0]\n-X {FWD_CHAIN}\n"));
-        }
-        input.push_str("COMMIT\n");
         self.restore(&input).await?;
         Ok(true)
+    }
+}
+
+/// One of our chains as `iptables-save` shows it.
+struct ChainState {
+    declared: bool,
+    /// `-A <chain> …` lines.
+    rules: Vec<String>,
+    /// Rules elsewhere that jump to the chain.
+    jump_rules: Vec<String>,
+}
+
+impl ChainState {
+    fn parse(saved: &str, chain: &str) -> ChainState {
+        let decl = format!(":{chain} ");
+        let body = format!("-A {chain} ");
+        let jump = format!("-j {chain}");
+        let mut state = ChainState {
+            declared: false,
+            rules: Vec::new(),
+            jump_rules: Vec::new(),
+        };
+        for l in saved.lines() {
+            if l.starts_with(&decl) {
+                state.declared = true;
+            } else if l.starts_with(&body) {
+                state.rules.push(l.to_string());
+            } else if l.ends_with(&jump) {
+                state.jump_rules.push(l.to_string());
+            }
+        }
+        state
+    }
+
+    /// How many of the jumps are exactly `jump`.
+    fn jumps(&self, jump: &str) -> usize {
+        self.jump_rules
+            .iter()
+            .filter(|l| l.as_str() == jump)
+            .count()
     }
 }
 
@@ -241,8 +243,7 @@ fn same_rules(now: &[String], want: &[String]) -> bool {
 }
 
 /// Restore input that leaves exactly one `jump` rule: adds it when missing, deletes duplicates.
-fn fix_jumps(lines: &[String], jump: &str) -> String {
-    let count = lines.iter().filter(|l| l.as_str() == jump).count();
+fn fix_jumps(count: usize, jump: &str) -> String {
     match count {
         0 => format!(
             "{}\n",
@@ -279,12 +280,11 @@ mod tests {
     #[test]
     fn jump_is_inserted_first_when_missing() {
         assert_eq!(
-            fix_jumps(&[], NAT_JUMP),
+            fix_jumps(0, NAT_JUMP),
             "-I POSTROUTING 1 -m comment --comment \"overlayd: pod masquerade\" -j OVERLAY-POSTRTG\n"
         );
-        let two = vec![NAT_JUMP.to_string(), NAT_JUMP.to_string()];
         assert_eq!(
-            fix_jumps(&two, NAT_JUMP),
+            fix_jumps(2, NAT_JUMP),
             "-D POSTROUTING -m comment --comment \"overlayd: pod masquerade\" -j OVERLAY-POSTRTG\n"
         );
     }
