@@ -166,18 +166,12 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
     // lowest MAC of its ports, which changes as pods come and go and leaves pods with a stale ARP
     // entry for their gateway.
     let want_mac = overlay_state::ip_mac(spec.gateway.ip());
-    let index = match link_by_name(handle, &spec.name).await? {
+    let (index, needs_setup) = match link_by_name(handle, &spec.name).await? {
         Some(msg) if kind(&msg) == Some(&InfoKind::Bridge) => {
-            let index = msg.header.index;
-            if netlink::link_mtu(&msg) != Some(spec.mtu)
+            let needs_setup = netlink::link_mtu(&msg) != Some(spec.mtu)
                 || mac(&msg) != Some(&want_mac[..])
-                || !msg.header.flags.contains(LinkFlags::Up)
-            {
-                // The address first: the plugin takes an up bridge as configured.
-                ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
-                set_up(handle, index, &spec.name, spec.mtu, want_mac).await?;
-            }
-            index
+                || !msg.header.flags.contains(LinkFlags::Up);
+            (msg.header.index, needs_setup)
         }
         Some(_) => {
             return Err(DataplaneError::Invalid(format!(
@@ -212,17 +206,14 @@ pub async fn ensure_bridge(handle: &Handle, spec: &BridgeSpec) -> Result<u32, Da
                 .await?
                 .map(|m| m.header.index)
                 .ok_or_else(|| DataplaneError::Vanished(spec.name.clone()))?;
-            ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).up().build())
-                .execute()
-                .await
-                .map_err(|e| DataplaneError::netlink(format!("bringing up {}", spec.name), e))?;
-            index
+            (index, true)
         }
     };
+    // The address before `up`: the plugin takes an up bridge as configured.
     ensure_only_address(handle, index, &spec.name, spec.gateway).await?;
+    if needs_setup {
+        set_up(handle, index, &spec.name, spec.mtu, want_mac).await?;
+    }
     Ok(index)
 }
 
