@@ -329,8 +329,8 @@ async fn reassert_inner(
     granted: &mut Option<i64>,
 ) -> Result<Acquired, ReassertError> {
     for _ in 0..MAX_ATTEMPTS {
-        let set = reg.list_leases().await?;
-        match set.leases.get(&subnet) {
+        // Only this subnet's key matters here; no need to list the whole network.
+        match reg.lease(&subnet).await?.as_ref() {
             None => {
                 let id = grant(reg, ttl_secs, granted).await?;
                 if create(reg, &subnet, &req.value, id).await? {

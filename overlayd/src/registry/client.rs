@@ -211,6 +211,16 @@ impl Registry {
         Ok(LeaseSet { revision, leases })
     }
 
+    /// The key of one subnet, if it exists.
+    pub async fn lease(&self, subnet: &Ipv4Network) -> Result<Option<Lease>, RegistryError> {
+        let mut c = self.client.clone();
+        let resp = self.call(c.get(self.keys.subnet(subnet), None)).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| self.lease_from_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())))
+    }
+
     pub fn lease_from_kv(
         &self,
         key: &[u8],
