@@ -40,6 +40,20 @@ fn daemon(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Daemon {
     )
 }
 
+/// A daemon that has leased its subnet.
+fn leased(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Daemon {
+    let mut d = daemon(etcd_endpoint, ip, dir, extra);
+    d.wait_log("leased subnet", Duration::from_secs(20));
+    d
+}
+
+/// etcd seeded with the default config, and a temp dir for subnet files and logs.
+fn seeded() -> (Etcd, tempfile::TempDir) {
+    let etcd = Etcd::start();
+    etcd.put(&format!("{PREFIX}/config"), CONFIG);
+    (etcd, tempfile::tempdir().unwrap())
+}
+
 fn leased_subnet(d: &Daemon) -> Ipv4Network {
     let log = d.log_text();
     let line = log
@@ -87,9 +101,7 @@ fn subnet_key(s: &Ipv4Network) -> String {
 
 #[test]
 fn two_daemons_get_distinct_subnets_with_flannel_values() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = seeded();
     let mut a = daemon(&etcd.endpoint, "127.0.0.11", dir.path(), &[]);
     let mut b = daemon(&etcd.endpoint, "127.0.0.12", dir.path(), &[]);
     a.wait_log("leased subnet", Duration::from_secs(20));
@@ -196,12 +208,9 @@ fn twenty_racing_acquirers_on_four_subnets() {
 
 #[test]
 fn restart_keeps_the_subnet_even_without_the_subnet_file() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = seeded();
     let ip = "127.0.0.21";
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let mut d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     let first = leased_subnet(&d);
     let rev_before = etcd.ctl(&["get", &subnet_key(&first), "-w", "json"]);
     assert!(
@@ -213,8 +222,7 @@ fn restart_keeps_the_subnet_even_without_the_subnet_file() {
         "SIGTERM must not revoke the lease"
     );
 
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let mut d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     assert_eq!(leased_subnet(&d), first);
     assert!(
         d.log_text().contains("this node's existing lease"),
@@ -230,26 +238,21 @@ fn restart_keeps_the_subnet_even_without_the_subnet_file() {
     d.signal("TERM");
 
     std::fs::remove_file(dir.path().join(format!("{ip}.env"))).unwrap();
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     assert_eq!(leased_subnet(&d), first, "found again by PublicIP");
     assert_eq!(etcd.keys(&format!("{PREFIX}/subnets/")).len(), 1);
 }
 
 #[test]
 fn expired_subnet_from_the_file_is_leased_again() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = seeded();
     let ip = "127.0.0.22";
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let mut d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     let first = leased_subnet(&d);
     d.signal("TERM");
     // The key is gone (expired, or deleted), but the subnet file remembers it.
     etcd.ctl(&["del", &subnet_key(&first)]);
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     assert_eq!(leased_subnet(&d), first);
     assert!(
         d.log_text().contains("previous subnet, leased again"),
@@ -260,9 +263,7 @@ fn expired_subnet_from_the_file_is_leased_again() {
 
 #[test]
 fn short_ttl_expires_without_keepalive_and_holds_with_it() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = seeded();
     let mut d = daemon(
         &etcd.endpoint,
         "127.0.0.31",
@@ -298,11 +299,8 @@ fn short_ttl_expires_without_keepalive_and_holds_with_it() {
 
 #[test]
 fn own_key_deleted_by_someone_is_put_back() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = daemon(&etcd.endpoint, "127.0.0.32", dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let (etcd, dir) = seeded();
+    let mut d = leased(&etcd.endpoint, "127.0.0.32", dir.path(), &[]);
     let subnet = leased_subnet(&d);
     etcd.ctl(&["del", &subnet_key(&subnet)]);
     d.wait_log("is this node's again", Duration::from_secs(10));
@@ -313,11 +311,8 @@ fn own_key_deleted_by_someone_is_put_back() {
 
 #[test]
 fn own_key_taken_by_another_node_stops_loudly() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = daemon(&etcd.endpoint, "127.0.0.33", dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let (etcd, dir) = seeded();
+    let mut d = leased(&etcd.endpoint, "127.0.0.33", dir.path(), &[]);
     let subnet = leased_subnet(&d);
     etcd.put(
         &subnet_key(&subnet),
@@ -339,8 +334,7 @@ fn reservation_is_used_and_never_expires() {
     let key = format!("{PREFIX}/subnets/10.244.200.0-24");
     etcd.put(&key, r#"{"PublicIP":"127.0.0.41"}"#);
     let dir = tempfile::tempdir().unwrap();
-    let mut d = daemon(&etcd.endpoint, "127.0.0.41", dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let d = leased(&etcd.endpoint, "127.0.0.41", dir.path(), &[]);
     assert_eq!(leased_subnet(&d).to_string(), "10.244.200.0/24");
     assert!(d.log_text().contains("reservation for this node"));
     let j: serde_json::Value =
@@ -355,19 +349,15 @@ fn reservation_is_used_and_never_expires() {
         Mac::for_vtep("127.0.0.41".parse().unwrap(), 1).to_string()
     );
     // Nobody else takes it: a second node gets another subnet.
-    let mut other = daemon(&etcd.endpoint, "127.0.0.42", dir.path(), &[]);
-    other.wait_log("leased subnet", Duration::from_secs(20));
+    let other = leased(&etcd.endpoint, "127.0.0.42", dir.path(), &[]);
     assert_ne!(leased_subnet(&other).to_string(), "10.244.200.0/24");
 }
 
 #[test]
 fn release_revokes_the_lease_and_removes_the_subnet_file() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = seeded();
     let ip = "127.0.0.51";
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let mut d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     let subnet = leased_subnet(&d);
     d.signal("TERM");
     let file = dir.path().join(format!("{ip}.env"));
@@ -524,12 +514,9 @@ fn full_network_reports_the_numbers() {
 
 #[test]
 fn own_value_edited_by_someone_is_written_back() {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = seeded();
     let ip = "127.0.0.34";
-    let mut d = daemon(&etcd.endpoint, ip, dir.path(), &[]);
-    d.wait_log("leased subnet", Duration::from_secs(20));
+    let mut d = leased(&etcd.endpoint, ip, dir.path(), &[]);
     let key = subnet_key(&leased_subnet(&d));
     let original = etcd.get(&key).unwrap();
     // Same PublicIP, wrong MAC: peers would send this node's traffic nowhere.
