@@ -21,23 +21,7 @@ fn two_hundred_concurrent_adds_then_dels() {
     let pods: Vec<Netns> = (0..PODS).map(|_| Netns::new("pd")).collect();
     let conf = node.conf("1.0.0").to_string();
     let started = Instant::now();
-    let running: Vec<_> = pods
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| {
-            let id = format!("conc{i}");
-            let netns = pod.path().display().to_string();
-            node.start(
-                &[
-                    ("CNI_COMMAND", "ADD"),
-                    ("CNI_CONTAINERID", &id),
-                    ("CNI_IFNAME", "eth0"),
-                    ("CNI_NETNS", &netns),
-                ],
-                conf.as_bytes(),
-            )
-        })
-        .collect();
+    let running = start_all(&node, &pods, "ADD", &conf);
     let mut ips = BTreeMap::new();
     for (i, r) in running.into_iter().enumerate() {
         let out = r.wait(Duration::from_secs(60)).expect_ok();
@@ -61,23 +45,7 @@ fn two_hundred_concurrent_adds_then_dels() {
     assert!(pods[0].ping(&result_ip_of(&ips, PODS - 1)));
 
     let started = Instant::now();
-    let running: Vec<_> = pods
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| {
-            let id = format!("conc{i}");
-            let netns = pod.path().display().to_string();
-            node.start(
-                &[
-                    ("CNI_COMMAND", "DEL"),
-                    ("CNI_CONTAINERID", &id),
-                    ("CNI_IFNAME", "eth0"),
-                    ("CNI_NETNS", &netns),
-                ],
-                conf.as_bytes(),
-            )
-        })
-        .collect();
+    let running = start_all(&node, &pods, "DEL", &conf);
     for r in running {
         r.wait(Duration::from_secs(60)).expect_ok();
     }
@@ -85,6 +53,26 @@ fn two_hundred_concurrent_adds_then_dels() {
     assert!(node.store_ips().is_empty(), "{:?}", node.store_ips());
     assert_eq!(node.store_index_entries(), 0);
     assert_eq!(node.links(), ["cni0".to_string()].into());
+}
+
+/// Starts `command` for every pod at once (pod i is container `conc<i>`).
+fn start_all(node: &Node, pods: &[Netns], command: &str, conf: &str) -> Vec<Running> {
+    pods.iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let id = format!("conc{i}");
+            let netns = pod.path().display().to_string();
+            node.start(
+                &[
+                    ("CNI_COMMAND", command),
+                    ("CNI_CONTAINERID", &id),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_NETNS", &netns),
+                ],
+                conf.as_bytes(),
+            )
+        })
+        .collect()
 }
 
 fn result_ip_of(ips: &BTreeMap<String, usize>, pod: usize) -> String {
