@@ -27,12 +27,10 @@ use thiserror::Error;
 
 use super::ip_rules::{self, AwsRule};
 use super::pod_veth::VethNames;
+use crate::netlink;
 
 const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 const RESERVED_TABLES: [u32; 4] = [0, 253, TABLE_MAIN, 255];
-
-const ENOENT: i32 = 2;
-const ESRCH: i32 = 3;
 
 #[derive(Debug, Error)]
 pub enum NetlinkError {
@@ -328,8 +326,7 @@ pub fn plan(snap: &Snapshot, keep_running_pods: bool, veths: &VethNames) -> Plan
 }
 
 fn gone_already(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m)
-        if m.code.is_some_and(|c| c.get() == -ENOENT || c.get() == -ESRCH))
+    netlink::is_errno(e, netlink::ENOENT) || netlink::is_errno(e, netlink::ESRCH)
 }
 
 /// Deletes one rule; one already gone counts as deleted.
