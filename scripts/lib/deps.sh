@@ -4,7 +4,8 @@
 # Debian package providing each command we need.
 OVERLAY_DEPS=(
   "cc:gcc"                       # the linker rustc calls, and ring's C code (TLS to etcd)
-  "protoc:protobuf-compiler"     # etcd-client compiles etcd's protos at build time
+  "protoc:protobuf-compiler"     # etcd-client compiles etcd's protos at build time...
+  "/usr/include/google/protobuf/descriptor.proto:libprotobuf-dev"  # ...which import these
   "etcd:etcd-server"             # the real etcd the tests and the lab run
   "etcdctl:etcd-client"          # seeding the config, as an operator would
   "ip:iproute2"                  # building lab namespaces (the product itself speaks netlink)
