@@ -1,29 +1,36 @@
-//! The kernel side, through rtnetlink: the bridge, the veth pair, addresses and routes.
+//! The kernel side, through a blocking rtnetlink socket: the bridge, the veth pair, addresses and
+//! routes. Each function builds the messages and says whether an error is one it tolerates; the
+//! multi-request steps of ADD batch them (see [`crate::netlink`]).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::address::AddressAttribute;
+use nix::errno::Errno;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
 };
 
-const EEXIST: i32 = -17;
-const ENODEV: i32 = -19;
+use crate::netlink::{Kind, Netlink, NlError, Reply};
 
-pub fn is_errno(e: &rtnetlink::Error, code: i32) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == code)
+/// A create that found its object already there counts as done.
+pub fn created(r: Reply) -> Result<(), NlError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.is(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
-pub fn is_exists(e: &rtnetlink::Error) -> bool {
-    is_errno(e, EEXIST)
+/// A change or read answered with no error.
+pub fn done(r: Reply) -> Result<(), NlError> {
+    r.map(|_| ())
 }
 
 /// What the plugin needs to know about a link.
@@ -98,60 +105,66 @@ pub fn format_mac(bytes: &[u8]) -> String {
         .join(":")
 }
 
-/// The link called `name`, or `None`.
-pub async fn by_name(h: &Handle, name: &str) -> Result<Option<Link>, rtnetlink::Error> {
-    let mut s = h.link().get().match_name(name.to_string()).execute();
-    match s.try_next().await {
-        Ok(m) => Ok(m.as_ref().map(Link::from_message)),
-        Err(e) if is_errno(&e, ENODEV) => Ok(None),
+fn get_by_name(name: &str) -> RouteNetlinkMessage {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    RouteNetlinkMessage::GetLink(m)
+}
+
+pub fn get_by_name_request(name: &str) -> (RouteNetlinkMessage, Kind) {
+    (get_by_name(name), Kind::Get)
+}
+
+/// The link a [`get_by_name_request`] found, or `None` if there is no such link.
+pub fn found(r: Reply) -> Result<Option<Link>, NlError> {
+    match r {
+        Ok(msgs) => Ok(msgs.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)),
+            _ => None,
+        })),
+        Err(e) if e.is(Errno::ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// The pods' bridge with the gateway address on it, made if missing. Many ADDs may race to make
-/// it: each step tolerates another process having done it first. The MAC is fixed (derived from
-/// the gateway) because a bridge otherwise takes the lowest MAC of its ports, which changes as
-/// pods come and go and leaves stale gateway ARP entries in every pod.
-pub async fn ensure_bridge(
-    h: &Handle,
+/// The link called `name`, or `None`.
+pub fn by_name(nl: &mut Netlink, name: &str) -> Result<Option<Link>, NlError> {
+    found(nl.request(get_by_name(name), Kind::Get))
+}
+
+/// The pods' bridge with the gateway address on it, made if missing (`existing` is what a lookup
+/// found). Many ADDs may race to make it: each step tolerates another process having done it
+/// first. The MAC is fixed (derived from the gateway) because a bridge otherwise takes the lowest
+/// MAC of its ports, which changes as pods come and go and leaves stale gateway ARP entries in
+/// every pod.
+pub fn ensure_bridge(
+    nl: &mut Netlink,
+    existing: Option<Link>,
     name: &str,
     gateway: Ipv4Addr,
     prefix: u8,
     mtu: u32,
-) -> Result<Link, rtnetlink::Error> {
-    if let Some(b) = by_name(h, name).await? {
-        if b.up {
-            // Whoever brought it up (overlayd, or an earlier ADD) gave it the gateway first.
-            return Ok(b);
-        }
-    } else {
-        let msg = LinkBridge::new(name)
-            .mtu(mtu)
-            .address(ip_mac(gateway).to_vec())
-            .build();
-        match h.link().add(msg).execute().await {
-            Ok(()) => {}
-            Err(e) if is_exists(&e) => {}
-            Err(e) => return Err(e),
+) -> Result<Link, NlError> {
+    match existing {
+        // Whoever brought it up (overlayd, or an earlier ADD) gave it the gateway first.
+        Some(b) if b.up => return Ok(b),
+        Some(_) => {}
+        None => {
+            let msg = LinkBridge::new(name)
+                .mtu(mtu)
+                .address(ip_mac(gateway).to_vec())
+                .build();
+            created(nl.request(RouteNetlinkMessage::NewLink(msg), Kind::Create))?;
         }
     }
-    let b = by_name(h, name)
-        .await?
-        .ok_or(rtnetlink::Error::RequestFailed)?;
-    match h
-        .address()
-        .add(b.index, IpAddr::V4(gateway), prefix)
-        .execute()
-        .await
-    {
-        Ok(()) => {}
-        Err(e) if is_exists(&e) => {}
-        Err(e) => return Err(e),
-    }
-    h.link()
-        .set(LinkUnspec::new_with_index(b.index).up().build())
-        .execute()
-        .await?;
+    let b = by_name(nl, name)?.ok_or(NlError::Kernel(Errno::ENODEV as i32))?;
+    // Address, then up, in one send: the kernel applies them in order.
+    let [addr, up] = nl.batch_of([
+        (address_message(b.index, gateway, prefix), Kind::Create),
+        (set_up_message(b.index), Kind::Change),
+    ])?;
+    created(addr)?;
+    done(up)?;
     Ok(Link { up: true, ..b })
 }
 
@@ -163,19 +176,18 @@ pub struct VethEnd<'a> {
     pub mac: [u8; 6],
 }
 
-/// Creates the veth pair in one request: the host end (up, in the bridge) and the peer made
-/// straight in the pod's netns under its final name, both with `mtu` and the given MACs. The
-/// kernel creates the peer in the namespace named by IFLA_NET_NS_FD inside the peer's own message,
-/// so no rename or move is needed and the pod never sees a temporary name. (The peer cannot be
-/// brought up in the same request: the kernel answers ENOTCONN; [`set_up`] does it.)
-pub async fn create_veth(
-    h: &Handle,
+/// The veth pair in one request: the host end (up, in the bridge) and the peer made straight in
+/// the pod's netns under its final name, both with `mtu` and the given MACs. The kernel creates
+/// the peer in the namespace named by IFLA_NET_NS_FD inside the peer's own message, so no rename
+/// or move is needed and the pod never sees a temporary name. (The peer cannot be brought up in
+/// the same request: the kernel answers ENOTCONN; it is set up afterwards.)
+pub fn create_veth_message(
     host: &VethEnd<'_>,
     pod: &VethEnd<'_>,
     pod_netns: &impl AsRawFd,
     mtu: u32,
     bridge_index: u32,
-) -> Result<(), rtnetlink::Error> {
+) -> RouteNetlinkMessage {
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(pod.name)
         .mtu(mtu)
@@ -189,56 +201,65 @@ pub async fn create_veth(
         .controller(bridge_index)
         .up()
         .build();
-    h.link().add(msg).execute().await
+    RouteNetlinkMessage::NewLink(msg)
 }
 
-/// Hairpin on a bridge port, addressed by name (saves looking its index up).
-pub async fn set_hairpin(h: &Handle, port: &str, on: bool) -> Result<(), rtnetlink::Error> {
-    h.link()
-        .set_port(LinkBridgePort::new(0).name(port).hairpin(on).build())
-        .execute()
-        .await
+/// Hairpin on a bridge port, addressed by name (saves looking its index up). Kind: Change.
+pub fn hairpin_message(port: &str, on: bool) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::NewLink(LinkBridgePort::new(0).name(port).hairpin(on).build())
 }
 
-pub async fn set_up(h: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
-    h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
+/// Kind: Change.
+pub fn set_up_message(index: u32) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).up().build())
+}
+
+/// Kind: Change.
+pub fn set_down_message(index: u32) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).down().build())
 }
 
 /// Deletes the link called `name` (one request: the kernel finds it by name); a link that is not
 /// there is not an error. Returns whether there was one.
-pub async fn delete_by_name(h: &Handle, name: &str) -> Result<bool, rtnetlink::Error> {
-    match h
-        .link()
-        .del_with_message(LinkUnspec::new_with_name(name).build())
-        .execute()
-        .await
-    {
-        Ok(()) => Ok(true),
-        Err(e) if is_errno(&e, ENODEV) => Ok(false),
+pub fn delete_by_name(nl: &mut Netlink, name: &str) -> Result<bool, NlError> {
+    let msg = RouteNetlinkMessage::DelLink(LinkUnspec::new_with_name(name).build());
+    deleted(nl.request(msg, Kind::Change))
+}
+
+/// Deletes link `index`; gone already is not an error. Returns whether there was one.
+pub fn delete_by_index(nl: &mut Netlink, index: u32) -> Result<bool, NlError> {
+    let msg = RouteNetlinkMessage::DelLink(LinkUnspec::new_with_index(index).build());
+    deleted(nl.request(msg, Kind::Change))
+}
+
+fn deleted(r: Reply) -> Result<bool, NlError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if e.is(Errno::ENODEV) => Ok(false),
         Err(e) => Err(e),
     }
 }
 
-pub async fn add_address(
-    h: &Handle,
-    index: u32,
-    ip: Ipv4Addr,
-    prefix: u8,
-) -> Result<(), rtnetlink::Error> {
-    h.address()
-        .add(index, IpAddr::V4(ip), prefix)
-        .execute()
-        .await
+/// Kind: Create.
+pub fn address_message(index: u32, ip: Ipv4Addr, prefix: u8) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::NewAddress(
+        AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(ip, prefix)
+            .build(),
+    )
 }
 
 /// The IPv4 addresses (with prefix) on link `index`.
-pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, rtnetlink::Error> {
+pub fn addresses(nl: &mut Netlink, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NlError> {
+    let mut q = AddressMessage::default();
+    q.header.family = AddressFamily::Inet;
+    q.header.index = index;
     let mut out = Vec::new();
-    let mut s = h.address().get().set_link_index_filter(index).execute();
-    while let Some(m) = s.try_next().await? {
+    for m in nl.request(RouteNetlinkMessage::GetAddress(q), Kind::Dump)? {
+        let RouteNetlinkMessage::NewAddress(m) = m else {
+            continue;
+        };
         if m.header.family != AddressFamily::Inet || m.header.index != index {
             continue;
         }
@@ -251,34 +272,28 @@ pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, rt
     Ok(out)
 }
 
-/// A route `dst via gw` through link `oif` (`dst` None = default).
-pub async fn add_route(
-    h: &Handle,
-    dst: Option<(Ipv4Addr, u8)>,
-    gw: Ipv4Addr,
-    oif: u32,
-) -> Result<(), rtnetlink::Error> {
+/// A route `dst via gw` through link `oif` (`dst` None = default). Kind: Create.
+pub fn route_message(dst: Option<(Ipv4Addr, u8)>, gw: Ipv4Addr, oif: u32) -> RouteNetlinkMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(gw)
         .output_interface(oif);
     if let Some((ip, len)) = dst {
         b = b.destination_prefix(ip, len);
     }
-    match h.route().add(b.build()).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if is_exists(&e) => Ok(()),
-        Err(e) => Err(e),
-    }
+    RouteNetlinkMessage::NewRoute(b.build())
 }
 
-/// IPv4 routes of the main table as (dst, prefix, gateway, oif).
-pub async fn routes(
-    h: &Handle,
-) -> Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>, Option<u32>)>, rtnetlink::Error> {
+/// A route as (dst, prefix, gateway, oif).
+pub type RouteEntry = (Ipv4Addr, u8, Option<Ipv4Addr>, Option<u32>);
+
+/// IPv4 routes of the main table.
+pub fn routes(nl: &mut Netlink) -> Result<Vec<RouteEntry>, NlError> {
     let q: RouteMessage = RouteMessageBuilder::<Ipv4Addr>::new().build();
-    let mut s = h.route().get(q).execute();
     let mut out = Vec::new();
-    while let Some(m) = s.try_next().await? {
+    for m in nl.request(RouteNetlinkMessage::GetRoute(q), Kind::Dump)? {
+        let RouteNetlinkMessage::NewRoute(m) = m else {
+            continue;
+        };
         if m.header.address_family != AddressFamily::Inet {
             continue;
         }

@@ -2,8 +2,8 @@
 //! this node (read from the subnet file, no network call), wires the pod to the node's bridge
 //! with a veth pair, and reports the result in the CNI version the runtime asked for.
 //!
-//! One process per CNI call, so it stays small: a current-thread tokio runtime for netlink, the
-//! IPAM store on local disk, nothing else.
+//! One process per CNI call, so it stays small: one thread, blocking netlink sockets, the IPAM
+//! store on local disk, nothing else.
 //!
 //! Network config keys (all optional but the CNI ones): `subnetFile` (default
 //! `/run/overlayd/subnet.env`), `dataDir` (IPAM store root, default `/var/lib/cni/overlay`; the
@@ -19,7 +19,9 @@ mod commands;
 mod config;
 mod error;
 mod link;
+mod netlink;
 mod netns;
+mod reap;
 mod spec;
 
 use std::io::Read;
@@ -43,8 +45,9 @@ fn main() {
         )),
     };
     match outcome {
-        Ok(Some(out)) => println!("{out}"),
-        Ok(None) => {}
+        Ok(Outcome::Print(out)) => println!("{out}"),
+        Ok(Outcome::Nothing) => {}
+        Ok(Outcome::DeleteLink(index)) => reap::delete_link_later(index),
         Err(e) => {
             println!("{}", e.to_json(&version));
             eprintln!("overlay: {e}");
@@ -53,7 +56,15 @@ fn main() {
     }
 }
 
-fn run(stdin: &[u8]) -> Result<Option<String>, CniError> {
+/// What is left to do once a command has succeeded.
+enum Outcome {
+    Nothing,
+    Print(String),
+    /// DEL's last step, done after the answer (see [`reap`]).
+    DeleteLink(u32),
+}
+
+fn run(stdin: &[u8]) -> Result<Outcome, CniError> {
     let command = match std::env::var("CNI_COMMAND") {
         Ok(c) => Command::parse(&c).ok_or_else(|| {
             CniError::new(
@@ -70,7 +81,9 @@ fn run(stdin: &[u8]) -> Result<Option<String>, CniError> {
     };
     if command == Command::Version {
         let requested = NetConf::version_hint(stdin);
-        return Ok(Some(commands::version::version(requested.as_deref())));
+        return Ok(Outcome::Print(commands::version::version(
+            requested.as_deref(),
+        )));
     }
     let conf = NetConf::parse(stdin)?;
     let env = match command {
@@ -81,26 +94,24 @@ fn run(stdin: &[u8]) -> Result<Option<String>, CniError> {
     };
     if command == Command::Status {
         commands::status::status(&conf)?;
-        return Ok(None);
+        return Ok(Outcome::Nothing);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| CniError::kernel("cannot start the tokio runtime", e))?;
-    rt.block_on(async {
-        match (command, env) {
-            (Command::Add, Some(env)) => {
-                let result = commands::add::add(&conf, &env).await?;
-                let json =
-                    serde_json::to_string(&result.for_version(conf.version)).map_err(|e| {
-                        CniError::new(code::IO_FAILURE, format!("cannot encode result: {e}"))
-                    })?;
-                Ok(Some(json))
-            }
-            (Command::Del, Some(env)) => commands::del::del(&conf, &env).await.map(|()| None),
-            (Command::Check, Some(env)) => commands::check::check(&conf, &env).await.map(|()| None),
-            (Command::Gc, _) => commands::gc::gc(&conf).await.map(|()| None),
-            _ => Err(CniError::new(code::INVALID_ENV, "unexpected command")),
+    match (command, env) {
+        (Command::Add, Some(env)) => {
+            let result = commands::add::add(&conf, &env)?;
+            let json = serde_json::to_string(&result.for_version(conf.version)).map_err(|e| {
+                CniError::new(code::IO_FAILURE, format!("cannot encode result: {e}"))
+            })?;
+            Ok(Outcome::Print(json))
         }
-    })
+        (Command::Del, Some(env)) => Ok(match commands::del::del(&conf, &env)? {
+            Some(index) => Outcome::DeleteLink(index),
+            None => Outcome::Nothing,
+        }),
+        (Command::Check, Some(env)) => {
+            commands::check::check(&conf, &env).map(|()| Outcome::Nothing)
+        }
+        (Command::Gc, _) => commands::gc::gc(&conf).map(|()| Outcome::Nothing),
+        _ => Err(CniError::new(code::INVALID_ENV, "unexpected command")),
+    }
 }

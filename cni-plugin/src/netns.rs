@@ -1,9 +1,7 @@
 //! Network namespaces: checking the runtime's netns path, and opening netlink sockets inside one.
 //!
-//! A netlink socket belongs to the namespace it was opened in, and setns(2) moves only the calling
-//! thread. The plugin runs a current-thread tokio runtime, so the one thread that drives every
-//! socket enters the pod's namespace, opens the socket, and comes straight back: from then on the
-//! socket talks to the pod's namespace while everything else stays in the host's.
+//! A netlink socket belongs to the namespace it was opened in, whatever namespace the thread
+//! moves to afterwards: see [`connect_node_and_pod`].
 
 use std::fs::File;
 use std::path::Path;
@@ -11,7 +9,8 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
 use nix::sys::statfs::{statfs, NSFS_MAGIC};
-use rtnetlink::Handle;
+
+use crate::netlink::Netlink;
 
 use crate::error::{code, CniError};
 
@@ -48,26 +47,21 @@ pub fn open(path: &Path) -> Result<File, CniError> {
     })
 }
 
-/// A netlink connection in this thread's current namespace, driven by the current runtime.
-pub fn connect_here() -> Result<Handle, CniError> {
-    let (conn, handle, _) = rtnetlink::new_connection()
-        .map_err(|e| CniError::kernel("cannot open netlink socket", e))?;
-    tokio::spawn(conn);
-    Ok(handle)
+/// A netlink socket in this thread's current namespace.
+pub fn connect_here() -> Result<Netlink, CniError> {
+    Netlink::open().map_err(|e| CniError::kernel("cannot open netlink socket", e))
 }
 
-/// A netlink connection inside `netns`, opened by entering it and coming back at once.
-pub fn connect_in(netns: &File) -> Result<Handle, CniError> {
-    let home = File::open("/proc/thread-self/ns/net")
-        .map_err(|e| CniError::kernel("cannot open this thread's netns", e))?;
+/// Netlink sockets in the node's namespace (the current one) and in the pod's `netns`.
+///
+/// The thread enters the pod's namespace to open the second socket and stays there: a socket
+/// keeps the namespace it was opened in, and the plugin opens no other afterwards. (Coming back
+/// would cost opening `/proc/thread-self/ns/net` and a second setns, for nothing.) Paths are not
+/// affected by the network namespace, so the IPAM store is the node's either way.
+pub fn connect_node_and_pod(netns: &File) -> Result<(Netlink, Netlink), CniError> {
+    let node = connect_here()?;
     setns(netns, CloneFlags::CLONE_NEWNET)
         .map_err(|e| CniError::kernel("cannot enter the pod's netns", e))?;
-    let handle = connect_here();
-    if let Err(e) = setns(&home, CloneFlags::CLONE_NEWNET) {
-        // Going on would change the pod's namespace while meaning the host's.
-        let err = CniError::kernel("cannot return to the host's netns", e);
-        println!("{}", err.to_json(crate::spec::LATEST));
-        std::process::exit(1);
-    }
-    handle
+    let pod = connect_here()?;
+    Ok((node, pod))
 }

@@ -52,7 +52,7 @@ fn two_hundred_concurrent_adds_then_dels() {
     eprintln!("{PODS} concurrent DELs took {:?}", started.elapsed());
     assert!(node.store_ips().is_empty(), "{:?}", node.store_ips());
     assert_eq!(node.store_index_entries(), 0);
-    assert_eq!(node.links(), ["cni0".to_string()].into());
+    node.wait_links(&["cni0"]);
 }
 
 /// Starts `command` for every pod at once (pod i is container `conc<i>`).

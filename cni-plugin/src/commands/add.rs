@@ -9,11 +9,12 @@ use overlay_state::{IpamStore, SubnetFile};
 
 use crate::config::{Env, NetConf};
 use crate::error::{code, CniError};
-use crate::link;
+use crate::link::{self, created, done, found};
+use crate::netlink::{answers, Kind, Netlink, NlError};
 use crate::netns;
 use crate::spec::{CniResult, Interface, IpConfig, Route};
 
-pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
+pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     let netns_path = env
         .netns
         .as_ref()
@@ -21,22 +22,31 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
     let subnet_file = super::read_subnet_file(conf)?;
     let store = IpamStore::new(&conf.data_dir, &conf.name)?;
     let pod_ns = netns::open(netns_path)?;
-    let host = netns::connect_here()?;
-    let pod = netns::connect_in(&pod_ns)?;
+    let (mut host, mut pod) = netns::connect_node_and_pod(&pod_ns)?;
 
     let mtu = conf.mtu.unwrap_or(subnet_file.mtu);
     let gateway = subnet_file.gateway();
     let prefix = subnet_file.subnet.prefix();
-    // The pod-side check and the node's bridge are independent: one round trip's wait for both.
-    // (Making the node's bridge is no change to the pod, and every ADD needs it anyway.)
-    let (existing, bridge) = futures::join!(
-        link::by_name(&pod, &env.ifname),
-        link::ensure_bridge(&host, &conf.bridge, gateway, prefix, mtu),
-    );
+    // The pod-side check and the node's bridge lookup are independent: both in flight at once.
+    let kernel = |what: &'static str| move |e: NlError| CniError::kernel(what, e);
+    let pod_q = pod
+        .send(vec![link::get_by_name_request(&env.ifname)])
+        .map_err(kernel("cannot list the pod's links"))?;
+    let host_q = host
+        .send(vec![link::get_by_name_request(&conf.bridge)])
+        .map_err(kernel("cannot list the node's links"))?;
+    let [existing] = pod
+        .collect(pod_q)
+        .and_then(answers)
+        .map_err(kernel("cannot list the pod's links"))?;
+    let [bridge] = host
+        .collect(host_q)
+        .and_then(answers)
+        .map_err(kernel("cannot list the node's links"))?;
     // Before the store changes: an existing interface belongs to someone else (or to an earlier
     // ADD that succeeded), so it must neither be touched nor have its IP released.
-    if existing
-        .map_err(|e| CniError::kernel("cannot list the pod's links", e))?
+    if found(existing)
+        .map_err(kernel("cannot list the pod's links"))?
         .is_some()
     {
         return Err(CniError::new(
@@ -48,8 +58,10 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             ),
         ));
     }
-    let bridge =
-        bridge.map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
+    // Making the node's bridge is no change to the pod, and every ADD needs it anyway.
+    let bridge = found(bridge)
+        .and_then(|b| link::ensure_bridge(&mut host, b, &conf.bridge, gateway, prefix, mtu))
+        .map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
 
     let key = env.key();
     let ip = store.allocate(subnet_file.subnet, &key)?;
@@ -58,22 +70,21 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
         conf,
         env,
         &subnet_file,
-        &Attachment {
-            host: &host,
-            pod: &pod,
+        &mut Attachment {
+            host: &mut host,
+            pod: &mut pod,
             pod_ns: &pod_ns,
             host_name: &host_name,
             bridge_index: bridge.index,
             ip,
             mtu,
         },
-    )
-    .await;
+    );
     let (host_mac, pod_mac) = match attached {
         Ok(links) => links,
         Err(e) => {
             // Undo in reverse so the IP is free only once no interface carries it.
-            let _ = link::delete_by_name(&host, &host_name).await;
+            let _ = link::delete_by_name(&mut host, &host_name);
             let _ = store.release(&key);
             return Err(e);
         }
@@ -119,8 +130,8 @@ pub async fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
 }
 
 struct Attachment<'a> {
-    host: &'a rtnetlink::Handle,
-    pod: &'a rtnetlink::Handle,
+    host: &'a mut Netlink,
+    pod: &'a mut Netlink,
     pod_ns: &'a File,
     host_name: &'a str,
     bridge_index: u32,
@@ -143,16 +154,13 @@ fn pod_routes(conf: &NetConf, subnet_file: &SubnetFile) -> Vec<(Ipv4Network, Ipv
 }
 
 /// The pair made and configured. Returns the MACs of the host end and the pod's interface.
-async fn attach(
+fn attach(
     conf: &NetConf,
     env: &Env,
     subnet_file: &SubnetFile,
-    a: &Attachment<'_>,
+    a: &mut Attachment<'_>,
 ) -> Result<(String, String), CniError> {
-    let kernel = |what: &str| {
-        let what = what.to_string();
-        move |e: rtnetlink::Error| CniError::kernel(what, e)
-    };
+    let kernel = |what: &'static str| move |e: NlError| CniError::kernel(what, e);
     let host_end = link::VethEnd {
         name: a.host_name,
         mac: link::host_veth_mac(&env.container_id, &env.ifname),
@@ -161,54 +169,73 @@ async fn attach(
         name: &env.ifname,
         mac: link::ip_mac(a.ip),
     };
-    let create = || link::create_veth(a.host, &host_end, &pod_end, a.pod_ns, a.mtu, a.bridge_index);
-    match create().await {
-        Ok(()) => {}
+    let create = || link::create_veth_message(&host_end, &pod_end, a.pod_ns, a.mtu, a.bridge_index);
+    match a.host.request(create(), Kind::Create) {
+        Ok(_) => {}
         // The host end's name derives from (container id, ifname), and the pod has no such
-        // interface (checked above): this is what an ADD killed halfway left. Replace it.
-        Err(e) if link::is_exists(&e) => {
+        // interface (checked above): this is what an ADD killed halfway, or a DEL whose deletion
+        // has not finished yet, left. Replace it.
+        Err(e) if e.is(nix::errno::Errno::EEXIST) => {
             link::delete_by_name(a.host, a.host_name)
-                .await
                 .map_err(kernel("cannot remove a leftover host veth"))?;
-            create()
-                .await
+            done(a.host.request(create(), Kind::Create))
                 .map_err(kernel("cannot create the veth pair"))?;
         }
         Err(e) => return Err(kernel("cannot create the veth pair")(e)),
     }
-    // Host side and pod side are independent: one round trip's wait for both.
-    let hairpin = async {
-        if conf.hairpin_mode {
-            link::set_hairpin(a.host, a.host_name, true)
-                .await
-                .map_err(kernel("cannot turn on hairpin mode on the host veth"))?;
-        }
-        Ok::<(), CniError>(())
+    // The host's hairpin and the pod's side are independent: in flight together.
+    let hairpin = if conf.hairpin_mode {
+        Some(
+            a.host
+                .send(vec![(
+                    link::hairpin_message(a.host_name, true),
+                    Kind::Change,
+                )])
+                .map_err(kernel("cannot turn on hairpin mode on the host veth"))?,
+        )
+    } else {
+        None
     };
-    let pod_side = async {
-        let pod_link = link::by_name(a.pod, &env.ifname)
-            .await
-            .map_err(kernel("cannot read the pod's interface"))?
-            .ok_or_else(|| CniError::new(code::KERNEL, "the pod's interface vanished"))?;
-        // With the subnet's prefix, so the kernel adds the on-link route the gateway is reached
-        // by (once the link is up; the route via the gateway needs both).
-        let (addr, up) = futures::join!(
-            link::add_address(a.pod, pod_link.index, a.ip, subnet_file.subnet.prefix()),
-            link::set_up(a.pod, pod_link.index),
-        );
-        addr.map_err(kernel("cannot add the pod's address"))?;
-        up.map_err(kernel("cannot bring the pod's interface up"))?;
-        for (dst, gw) in pod_routes(conf, subnet_file) {
-            let dst = (dst.prefix() > 0).then(|| (dst.network(), dst.prefix()));
-            link::add_route(a.pod, dst, gw, pod_link.index)
-                .await
-                .map_err(kernel("cannot add the pod's route"))?;
-        }
-        Ok::<String, CniError>(pod_link.mac)
+    let pod_link = link::by_name(a.pod, &env.ifname)
+        .map_err(kernel("cannot read the pod's interface"))?
+        .ok_or_else(|| CniError::new(code::KERNEL, "the pod's interface vanished"))?;
+    // Address (with the subnet's prefix, so the kernel adds the on-link route the gateway is
+    // reached by), up, then the routes via the gateway: one send, applied in this order.
+    let mut requests = vec![
+        (
+            link::address_message(pod_link.index, a.ip, subnet_file.subnet.prefix()),
+            Kind::Create,
+        ),
+        (link::set_up_message(pod_link.index), Kind::Change),
+    ];
+    for (dst, gw) in pod_routes(conf, subnet_file) {
+        let dst = (dst.prefix() > 0).then(|| (dst.network(), dst.prefix()));
+        requests.push((link::route_message(dst, gw, pod_link.index), Kind::Create));
+    }
+    let routes = requests.len() - 2;
+    let mut replies = a
+        .pod
+        .batch(requests)
+        .map_err(kernel("cannot configure the pod's interface"))?
+        .into_iter();
+    let mut next = || {
+        replies
+            .next()
+            .unwrap_or_else(|| Err(NlError::Decode("missing answer".into())))
     };
-    let (hairpin, pod_mac) = futures::join!(hairpin, pod_side);
-    hairpin?;
-    Ok((link::format_mac(&host_end.mac), pod_mac?))
+    done(next()).map_err(kernel("cannot add the pod's address"))?;
+    done(next()).map_err(kernel("cannot bring the pod's interface up"))?;
+    for _ in 0..routes {
+        created(next()).map_err(kernel("cannot add the pod's route"))?;
+    }
+    if let Some(q) = hairpin {
+        a.host
+            .collect(q)
+            .and_then(answers)
+            .and_then(|[r]| done(r))
+            .map_err(kernel("cannot turn on hairpin mode on the host veth"))?;
+    }
+    Ok((link::format_mac(&host_end.mac), pod_link.mac))
 }
 
 /// Chained after another plugin: our interfaces, IPs and routes are appended to its result (IP

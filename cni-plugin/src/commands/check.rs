@@ -9,13 +9,14 @@ use overlay_state::IpamStore;
 use crate::config::{Env, NetConf};
 use crate::error::{code, CniError};
 use crate::link;
+use crate::netlink::NlError;
 use crate::netns;
 
 fn mismatch(msg: String) -> CniError {
     CniError::new(code::CHECK_MISMATCH, msg)
 }
 
-pub async fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if !conf.version.supports_check() {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -48,10 +49,9 @@ pub async fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         })?;
 
     let pod_ns = netns::open(netns_path)?;
-    let pod = netns::connect_in(&pod_ns)?;
-    let kernel = |what: &'static str| move |e: rtnetlink::Error| CniError::kernel(what, e);
-    let pod_link = link::by_name(&pod, &env.ifname)
-        .await
+    let (mut host, mut pod) = netns::connect_node_and_pod(&pod_ns)?;
+    let kernel = |what: &'static str| move |e: NlError| CniError::kernel(what, e);
+    let pod_link = link::by_name(&mut pod, &env.ifname)
         .map_err(kernel("cannot list the pod's links"))?
         .ok_or_else(|| {
             mismatch(format!(
@@ -70,8 +70,7 @@ pub async fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         return Err(mismatch(format!("interface {} is down", env.ifname)));
     }
 
-    let have = link::addresses(&pod, pod_link.index)
-        .await
+    let have = link::addresses(&mut pod, pod_link.index)
         .map_err(kernel("cannot list the pod's addresses"))?;
     let mut our_ip = None;
     for ip in prev.ips.iter().filter(|ip| ip.interface == Some(if_index)) {
@@ -87,9 +86,7 @@ pub async fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         our_ip = Some(net.ip());
     }
 
-    let routes = link::routes(&pod)
-        .await
-        .map_err(kernel("cannot list the pod's routes"))?;
+    let routes = link::routes(&mut pod).map_err(kernel("cannot list the pod's routes"))?;
     for r in &prev.routes {
         let Ok(dst) = r.dst.parse::<Ipv4Network>() else {
             continue;
@@ -121,14 +118,11 @@ pub async fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         }
     }
 
-    let host = netns::connect_here()?;
     let host_name = link::host_veth_name(&env.container_id, &env.ifname);
-    let host_link = link::by_name(&host, &host_name)
-        .await
+    let host_link = link::by_name(&mut host, &host_name)
         .map_err(kernel("cannot list the host's links"))?
         .ok_or_else(|| mismatch(format!("host veth {host_name} is missing")))?;
-    let bridge = link::by_name(&host, &conf.bridge)
-        .await
+    let bridge = link::by_name(&mut host, &conf.bridge)
         .map_err(kernel("cannot list the host's links"))?
         .ok_or_else(|| mismatch(format!("bridge {} is missing", conf.bridge)))?;
     if host_link.controller != Some(bridge.index) {

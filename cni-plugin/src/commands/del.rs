@@ -1,22 +1,39 @@
-//! DEL: remove the host veth (its pod end goes with it) and release the IP. Idempotent: a missing
-//! netns, interface or allocation is success. Needs neither the pod's netns nor the subnet file,
-//! so it works after the sandbox is gone and while overlayd is down.
+//! DEL: take the host veth out of service, release the IP, and delete the veth pair. Idempotent: a
+//! missing netns, interface or allocation is success. Needs neither the pod's netns nor the subnet
+//! file, so it works after the sandbox is gone and while overlayd is down.
+//!
+//! Deleting a veth costs the kernel a wait for an RCU grace period (about 20 ms, most of a DEL),
+//! and nothing the runtime does next depends on it: the pod is already cut off once its host end
+//! is down. So DEL answers first and the deletion finishes after (see [`crate::reap`]); an ADD
+//! that meets a host veth still waiting for it replaces it.
 
+use nix::errno::Errno;
 use overlay_state::IpamStore;
 
 use crate::config::{Env, NetConf};
 use crate::error::CniError;
-use crate::link;
+use crate::link::{self, done};
+use crate::netlink::{Kind, NlError};
 use crate::netns;
 
-pub async fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+/// Returns the index of the host veth left to delete, if there is one.
+pub fn del(conf: &NetConf, env: &Env) -> Result<Option<u32>, CniError> {
     let store = IpamStore::new(&conf.data_dir, &conf.name)?;
-    let host = netns::connect_here()?;
+    let mut host = netns::connect_here()?;
     let host_name = link::host_veth_name(&env.container_id, &env.ifname);
-    // Interface first: the IP becomes free only when nothing carries it any more.
-    link::delete_by_name(&host, &host_name)
-        .await
-        .map_err(|e| CniError::kernel(format!("cannot delete host veth {host_name}"), e))?;
+    let kernel =
+        |e: NlError| CniError::kernel(format!("cannot take down host veth {host_name}"), e);
+    // Out of service first: the IP becomes free only when nothing carries it any more. Down, the
+    // pair has no carrier and the bridge forwards nothing to or from it.
+    let link = link::by_name(&mut host, &host_name).map_err(kernel)?;
+    let mut pending = None;
+    if let Some(l) = link {
+        match done(host.request(link::set_down_message(l.index), Kind::Change)) {
+            Ok(()) => pending = Some(l.index),
+            Err(e) if e.is(Errno::ENODEV) => {}
+            Err(e) => return Err(kernel(e)),
+        }
+    }
     store.release(&env.key())?;
-    Ok(())
+    Ok(pending)
 }

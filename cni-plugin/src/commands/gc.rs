@@ -8,7 +8,7 @@ use crate::error::{code, CniError};
 use crate::link;
 use crate::netns;
 
-pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
+pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     // Without the list every allocation would look stale; refuse rather than strand every pod.
     let valid: &[AttachmentKey] = conf.valid_attachments.as_deref().ok_or_else(|| {
         CniError::new(
@@ -19,12 +19,12 @@ pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let store = IpamStore::new(&conf.data_dir, &conf.name)?;
     let released = store.gc(|k| valid.contains(k))?;
     if released.iter().any(|a| a.key.is_some()) {
-        let host = netns::connect_here()?;
+        let mut host = netns::connect_here()?;
         for a in released {
             if let Some(k) = a.key {
                 let name = link::host_veth_name(&k.container_id, &k.ifname);
                 // Best effort: GC must release IPs even if one link cannot be removed.
-                let _ = link::delete_by_name(&host, &name).await;
+                let _ = link::delete_by_name(&mut host, &name);
             }
         }
     }

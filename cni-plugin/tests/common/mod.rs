@@ -232,6 +232,17 @@ impl Node {
     pub fn links(&self) -> BTreeSet<String> {
         links_of(&self.ns)
     }
+
+    /// Waits until the node's links are exactly `want`. DEL deletes the host veth after it has
+    /// answered (the kernel's part takes about 20 ms a link), so right after DEL it may linger.
+    pub fn wait_links(&self, want: &[&str]) {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        overlay_testlab::wait_for(
+            &format!("node links to be {want:?}"),
+            Duration::from_secs(30),
+            || (self.links() == want).then_some(()),
+        );
+    }
 }
 
 pub fn links_of(ns: &Netns) -> BTreeSet<String> {
