@@ -28,11 +28,12 @@ bin_dir() { echo "${OVERLAY_BIN_DIR:-$ROOT/target/release}"; }
 
 build() {
   . scripts/lib/deps.sh
+  . scripts/lib/build.sh
   ensure_rust
   ensure_deps
   if [[ -z ${OVERLAY_BIN_DIR:-} ]]; then
     echo "==> building overlayd and the overlay CNI plugin (release)"
-    cargo build --release --locked --bins -q
+    build_release
   fi
   [[ -x $(bin_dir)/overlayd && -x $(bin_dir)/overlay ]] || die "binaries missing in $(bin_dir)"
 }
