@@ -181,6 +181,10 @@ pub struct VethEnd<'a> {
 /// the peer in the namespace named by IFLA_NET_NS_FD inside the peer's own message, so no rename
 /// or move is needed and the pod never sees a temporary name. (The peer cannot be brought up in
 /// the same request: the kernel answers ENOTCONN; it is set up afterwards.)
+///
+/// One queue each way per end: a veth otherwise gets as many as the node has CPUs, each with its
+/// sysfs objects to create and destroy (hundreds per pod on a large node), and a veth without
+/// XDP sends straight into its peer, whatever the number of queues.
 pub fn create_veth_message(
     host: &VethEnd<'_>,
     pod: &VethEnd<'_>,
@@ -193,12 +197,16 @@ pub fn create_veth_message(
         .mtu(mtu)
         .address(pod.mac.to_vec())
         .setns_by_fd(pod_netns.as_raw_fd())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
         .build();
     let msg = LinkVeth::new(host.name, pod.name)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .mtu(mtu)
         .address(host.mac.to_vec())
         .controller(bridge_index)
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
         .up()
         .build();
     RouteNetlinkMessage::NewLink(msg)

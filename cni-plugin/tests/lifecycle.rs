@@ -86,10 +86,15 @@ fn add_check_del_and_del_is_idempotent() {
         .into_iter()
         .find(|l| l.starts_with("veth"))
         .expect("host veth");
-    assert!(node
-        .ns
-        .ip_out(&["-d", "link", "show", &host_veth])
-        .contains("hairpin on"));
+    let details = node.ns.ip_out(&["-d", "link", "show", &host_veth]);
+    assert!(details.contains("hairpin on"), "{details}");
+    // One queue each way, on both ends, whatever the number of CPUs.
+    assert!(details.contains("numtxqueues 1 numrxqueues 1"), "{details}");
+    let pod_details = pod.ip_out(&["-d", "link", "show", "eth0"]);
+    assert!(
+        pod_details.contains("numtxqueues 1 numrxqueues 1"),
+        "{pod_details}"
+    );
     assert!(node
         .ns
         .ip_out(&["link", "show", &host_veth])
