@@ -117,7 +117,8 @@ impl Netlink {
         // kernel's answers, never by time.
         while replies.iter().any(Option::is_none) {
             self.buf.clear();
-            let n = self.socket.recv(&mut self.buf, 0)?;
+            // MSG_TRUNC: the datagram's real size, so a cut answer is an error, not garbage.
+            let n = self.socket.recv(&mut self.buf, nix::libc::MSG_TRUNC)?;
             if n > self.buf.len() {
                 return Err(NlError::Decode(format!(
                     "a {n}-byte answer does not fit the {RECV_BUF}-byte buffer"
@@ -125,13 +126,14 @@ impl Netlink {
             }
             let mut off = 0;
             while off < self.buf.len() {
+                // Checked: 16 <= len <= what is left, so the loop always advances.
                 let len = NetlinkBuffer::new_checked(&self.buf[off..])
                     .map_err(|e| NlError::Decode(e.to_string()))?
                     .length() as usize;
                 let msg =
                     NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..off + len])
                         .map_err(|e| NlError::Decode(e.to_string()))?;
-                off += len.next_multiple_of(4).max(len);
+                off += len.next_multiple_of(4);
                 let Some(i) = seqs.iter().position(|s| *s == msg.header.sequence_number) else {
                     continue; // an answer to nothing we wait for
                 };

@@ -336,3 +336,31 @@ fn config_options_mtu_hairpin_and_gateway() {
         .expect_ok();
     node.wait_links(&["podbr0"]);
 }
+
+/// DEL deletes the veth pair after it has answered; an ADD of the same attachment right after
+/// (a runtime retrying a sandbox) must end with a working pod, never lose its new veth to the
+/// old deletion.
+#[test]
+fn add_right_after_del_of_the_same_attachment_keeps_its_veth() {
+    if !require_root("add_right_after_del_of_the_same_attachment_keeps_its_veth") {
+        return;
+    }
+    let node = Node::new("10.244.16.1/24");
+    for round in 0..10 {
+        let pod = Netns::new("pd");
+        node.add("again", &pod);
+        node.del("again", Some(&pod)).expect_ok();
+        let ip = result_ip(&node.add("again", &pod));
+        // Longer than any pending deletion takes (about 20 ms).
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(node.links().len(), 2, "round {round}: {:?}", node.links());
+        assert_eq!(addrs_of(&pod, "eth0"), vec![ip], "round {round}");
+        assert!(
+            pod.ping("10.244.16.1"),
+            "round {round}: pod cannot reach the gateway"
+        );
+        node.del("again", Some(&pod)).expect_ok();
+    }
+    assert!(node.store_ips().is_empty());
+    node.wait_links(&["cni0"]);
+}
