@@ -10,7 +10,8 @@
 # wall time of 100 ADDs started at once (median of 3 rounds). The two plugins alternate call by call
 # from one shell inside a lab node namespace (as a runtime would exec them), so load from anything
 # else on the machine hits both alike and no harness cost is timed.
-# Targets: overlay ADD <= 0.25x and DEL <= 0.15x the reference.
+# Targets: overlay ADD <= 0.25x and DEL <= 0.15x the reference. The plugin is built as shipped
+# (release, statically linked: scripts/lib/build.sh).
 #
 # Needs root. Everything lives in namespaces named <prefix>-* and a temp dir, removed on exit.
 set -euo pipefail
