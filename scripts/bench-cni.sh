@@ -81,9 +81,13 @@ n=$1 par=$2 prefix=$3 tmp=$4
 declare -A plugin=([o]=$5 [r]=$6) conf=([o]=$tmp/overlay.json [r]=$tmp/bridge.json)
 export CNI_PATH=/usr/lib/cni CNI_IFNAME=eth0
 us() { local t=${1/./}; echo $((10#$t)); }
-call() { # o|r COMMAND POD ID-PREFIX  (the shell execs the plugin itself: no helper like env(1))
-  CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 "${plugin[$1]}" <"${conf[$1]}" >/dev/null ||
-    { echo "$1: $2 of pod $3 failed:" >&2
+# The plugin's output is read through a pipe to its end, as a runtime reads it: a call is over
+# when every copy of its stdout is closed, not only when the process exits. (`exec`: the subshell
+# of $(...) becomes the plugin, as a runtime's fork does; no helper like env(1) is timed.)
+call() { # o|r COMMAND POD ID-PREFIX
+  local out
+  out=$(CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 exec "${plugin[$1]}" <"${conf[$1]}") ||
+    { echo "$1: $2 of pod $3 failed: $out" >&2
       CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 "${plugin[$1]}" <"${conf[$1]}" >&2; exit 1; }
 }
 declare -A sum
