@@ -23,6 +23,15 @@ fn overlayd() -> Command {
 }
 
 fn daemon(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Daemon {
+    let cmd = daemon_cmd(etcd_endpoint, ip, dir, extra);
+    Daemon::spawn(
+        &format!("overlayd {ip}"),
+        cmd,
+        dir.join(format!("{ip}.log")),
+    )
+}
+
+fn daemon_cmd(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = overlayd();
     cmd.args(["run", "--lease-only", "--iface", "lo", "--public-ip", ip])
         .arg("--etcd-endpoints")
@@ -33,11 +42,7 @@ fn daemon(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Daemon {
         .arg(dir.join(format!("{ip}.env")))
         .args(extra)
         .env("RUST_LOG", "info");
-    Daemon::spawn(
-        &format!("overlayd {ip}"),
-        cmd,
-        dir.join(format!("{ip}.log")),
-    )
+    cmd
 }
 
 /// A daemon that has leased its subnet.
@@ -775,4 +780,85 @@ fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
     });
     assert_eq!(status, 200);
     assert!(metrics.contains("# HELP overlayd_peers"), "{metrics}");
+}
+
+#[test]
+fn leases_as_an_etcd_user_and_logs_in_again_after_an_etcd_restart() {
+    let (mut etcd, dir) = seeded();
+    etcd.enable_auth("overlayd", "s3cret", PREFIX);
+    // The password through the environment, as the DaemonSet passes it from a Secret.
+    let mut cmd = daemon_cmd(
+        &etcd.endpoint,
+        "127.0.0.81",
+        dir.path(),
+        &["--etcd-username", "overlayd"],
+    );
+    cmd.env("OVERLAYD_ETCD_PASSWORD", "s3cret");
+    let mut d = Daemon::spawn("overlayd 127.0.0.81", cmd, dir.path().join("81.log"));
+    d.wait_log("leased subnet", Duration::from_secs(20));
+    let key = subnet_key(&leased_subnet(&d));
+
+    // A restart makes etcd forget every token. Deleting the daemon's key afterwards makes it
+    // re-assert the key: a watch and a write, both refused unless it logs in again.
+    etcd.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.restart();
+    etcd.ctl(&["del", &key]);
+    wait_for(
+        "the daemon to re-create its key after the restart",
+        Duration::from_secs(30),
+        || etcd.get(&key).map(|_| ()),
+    );
+    assert!(d.is_running(), "{}", d.log_text());
+
+    // A wrong password ends the daemon at once with what to check: waiting cannot fix it.
+    let mut bad = daemon(
+        &etcd.endpoint,
+        "127.0.0.82",
+        dir.path(),
+        &["--etcd-username", "overlayd", "--etcd-password", "wrong"],
+    );
+    let status = bad.wait_exit(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{status:?}: {}",
+        bad.log_text()
+    );
+    assert!(
+        bad.log_text()
+            .contains("rejected user \"overlayd\": wrong username or password"),
+        "{}",
+        bad.log_text()
+    );
+    // No credentials: says authentication is on and what to pass, and keeps checking.
+    let mut anon = daemon(&etcd.endpoint, "127.0.0.83", dir.path(), &[]);
+    anon.wait_log(
+        "etcd has authentication enabled: pass --etcd-username and --etcd-password",
+        Duration::from_secs(15),
+    );
+    // A user whose role does not cover the prefix: says which grant is missing.
+    etcd.ctl(&["user", "add", "stranger:pw"]);
+    let mut stranger = daemon(
+        &etcd.endpoint,
+        "127.0.0.84",
+        dir.path(),
+        &["--etcd-username", "stranger", "--etcd-password", "pw"],
+    );
+    stranger.wait_log(
+        &format!("--prefix=true readwrite {PREFIX}/"),
+        Duration::from_secs(15),
+    );
+    assert!(anon.is_running() && stranger.is_running());
+
+    // With credentials, connecting is already a call: etcd down at start is waited for.
+    etcd.stop();
+    let mut late = daemon(
+        &etcd.endpoint,
+        "127.0.0.85",
+        dir.path(),
+        &["--etcd-username", "overlayd", "--etcd-password", "s3cret"],
+    );
+    late.wait_log("retrying in", Duration::from_secs(15));
+    etcd.restart();
+    late.wait_log("leased subnet", Duration::from_secs(30));
 }

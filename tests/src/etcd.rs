@@ -16,6 +16,8 @@ pub struct Etcd {
     args: Vec<String>,
     /// Set when the server speaks TLS and demands client certificates.
     pub tls: Option<Tls>,
+    /// `user:password` etcdctl runs as, once authentication is on.
+    ctl_user: Option<String>,
 }
 
 /// Files of a throwaway PKI: the CA that signed etcd's server certificate, and a client identity.
@@ -195,6 +197,7 @@ impl Etcd {
             netns,
             args,
             tls,
+            ctl_user: None,
         };
         etcd.wait_healthy();
         etcd
@@ -229,6 +232,9 @@ impl Etcd {
         c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint))
             .arg("--command-timeout=5s");
+        if let Some(u) = &self.ctl_user {
+            c.arg("--user").arg(u);
+        }
         if let Some(t) = &self.tls {
             c.arg("--cacert")
                 .arg(&t.ca)
@@ -238,6 +244,28 @@ impl Etcd {
                 .arg(&t.key);
         }
         c
+    }
+
+    /// Turns on etcd's authentication, as an operator securing a shared etcd would: `root` (etcd
+    /// requires it; etcdctl here runs as root from now on), and `user` whose role may read and
+    /// write under `prefix`/ and nothing else.
+    pub fn enable_auth(&mut self, user: &str, password: &str, prefix: &str) {
+        let root = "root:root-pw";
+        self.ctl(&["user", "add", root]);
+        self.ctl(&["user", "grant-role", "root", "root"]);
+        self.ctl(&["role", "add", "overlayd"]);
+        self.ctl(&[
+            "role",
+            "grant-permission",
+            "overlayd",
+            "--prefix=true",
+            "readwrite",
+            &format!("{prefix}/"),
+        ]);
+        self.ctl(&["user", "add", &format!("{user}:{password}")]);
+        self.ctl(&["user", "grant-role", user, "overlayd"]);
+        self.ctl(&["auth", "enable"]);
+        self.ctl_user = Some(root.to_string());
     }
 
     pub fn try_ctl(&self, args: &[&str]) -> Result<Output, String> {

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::cli::RunArgs;
+use crate::cli::{EtcdArgs, RunArgs};
 use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
 use crate::dataplane::{monitor, Dataplane, Plan};
 use crate::health::{self, Health};
@@ -48,6 +48,22 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// Connects to etcd, waiting while it cannot be reached (with credentials, connecting is already a
+/// call). Wrong credentials or unreadable TLS files end the daemon: waiting cannot fix them.
+async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    loop {
+        match Registry::connect(args).await {
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next_delay();
+                warn!("{e}; retrying in {}s", wait.as_secs_f32());
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Waits for etcd and a valid config, saying every time why it is still waiting.
 pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
@@ -78,7 +94,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.metrics_addr {
         tokio::spawn(health::serve(addr, health.clone()));
     }
-    let reg = Registry::connect(&args.etcd).await?;
+    let reg = connect(&args.etcd).await?;
     info!(
         endpoints = reg.endpoints(),
         prefix = reg.keys.prefix(),

@@ -41,6 +41,12 @@ pub enum RegistryError {
     },
     #[error("etcd at {endpoints} refused the request: {detail}")]
     Rejected { endpoints: String, detail: String },
+    #[error(
+        "etcd at {endpoints} rejected user {user:?}: wrong username or password. Check \
+         --etcd-username and --etcd-password (OVERLAYD_ETCD_USERNAME, OVERLAYD_ETCD_PASSWORD), \
+         e.g. with `etcdctl --endpoints={endpoints} --user {user} auth status`"
+    )]
+    AuthFailed { endpoints: String, user: String },
 }
 
 impl RegistryError {
@@ -71,7 +77,11 @@ impl Registry {
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let (Some(u), Some(p)) = (&args.etcd_username, &args.etcd_password) {
-            opts = opts.with_user(u.clone(), p.clone());
+            // etcd forgets every token when it restarts (and after its TTL): without the refresh
+            // each call would fail with "invalid auth token" from then on.
+            opts = opts
+                .with_user(u.clone(), p.clone())
+                .with_auto_token_refresh(true);
         }
         if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
             let mut tls = TlsOptions::new();
@@ -89,11 +99,22 @@ impl Registry {
             }
             opts = opts.with_tls(tls);
         }
+        // With credentials, connecting authenticates at once (a call); without, it is lazy.
         let client = Client::connect(&args.etcd_endpoints, Some(opts))
             .await
-            .map_err(|e| RegistryError::Unreachable {
-                endpoints: endpoints.clone(),
-                detail: e.to_string(),
+            .map_err(|e| match &e {
+                etcd_client::Error::GRpcStatus(s)
+                    if matches!(auth_problem(s), Some(AuthProblem::BadCredentials)) =>
+                {
+                    RegistryError::AuthFailed {
+                        endpoints: endpoints.clone(),
+                        user: args.etcd_username.clone().unwrap_or_default(),
+                    }
+                }
+                _ => RegistryError::Unreachable {
+                    endpoints: endpoints.clone(),
+                    detail: e.to_string(),
+                },
             })?;
         let https = args
             .etcd_endpoints
@@ -159,10 +180,27 @@ impl Registry {
                     },
                 }
             }
-            E::GRpcStatus(s) => RegistryError::Rejected {
-                endpoints,
-                detail: format!("{}: {}", s.code(), s.message()),
-            },
+            E::GRpcStatus(s) => {
+                let hint = match auth_problem(&s) {
+                    Some(AuthProblem::NoUser) => {
+                        " (etcd has authentication enabled: pass --etcd-username and \
+                         --etcd-password, or OVERLAYD_ETCD_USERNAME and OVERLAYD_ETCD_PASSWORD)"
+                            .to_string()
+                    }
+                    Some(AuthProblem::NoPermission) => format!(
+                        " (the etcd user needs read and write under {prefix}/ and nothing \
+                         else: `etcdctl role grant-permission <its role> --prefix=true \
+                         readwrite {prefix}/`)",
+                        prefix = self.keys.prefix()
+                    ),
+                    Some(AuthProblem::BadCredentials) => " (wrong username or password)".into(),
+                    None => String::new(),
+                };
+                RegistryError::Rejected {
+                    endpoints,
+                    detail: format!("{}: {}{hint}", s.code(), s.message()),
+                }
+            }
             E::TransportError(t) => RegistryError::Unreachable {
                 endpoints,
                 detail: format!("{t}: {}{}", root_cause(&t), self.tls_hint),
@@ -240,6 +278,27 @@ impl Registry {
 
 /// The innermost cause ("Connection refused (os error 111)"): gRPC's top-level messages alone
 /// ("tcp connect error") do not say what to fix.
+/// What etcd's authentication refused, recognised by etcd's own messages (its gRPC codes are
+/// shared with other failures).
+enum AuthProblem {
+    BadCredentials,
+    NoUser,
+    NoPermission,
+}
+
+fn auth_problem(s: &tonic::Status) -> Option<AuthProblem> {
+    let m = s.message();
+    if m.contains("authentication failed") {
+        Some(AuthProblem::BadCredentials)
+    } else if m.contains("user name is empty") {
+        Some(AuthProblem::NoUser)
+    } else if s.code() == tonic::Code::PermissionDenied {
+        Some(AuthProblem::NoPermission)
+    } else {
+        None
+    }
+}
+
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
