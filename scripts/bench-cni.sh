@@ -36,7 +36,7 @@ fi
 if ! command -v cargo >/dev/null && [[ -f $HOME/.cargo/env ]]; then . "$HOME/.cargo/env"; fi
 echo "==> building the overlay plugin (release, static as shipped)"
 . scripts/lib/build.sh
-build_release
+build_plugin_release
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 OVERLAY=$TARGET_DIR/release/overlay

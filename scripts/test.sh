@@ -23,6 +23,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --all-targets --locked -- "$@" 2>&1 | tee "$log" || status=$?
+# The plugin as shipped (release, static) must link on a fresh machine and start.
+echo "==> the overlay CNI plugin as shipped (release, static)"
+. scripts/lib/build.sh
+plugin=${CARGO_TARGET_DIR:-target}/release/overlay
+if build_plugin_release && [[ $(CNI_COMMAND=VERSION "$plugin" </dev/null) == *supportedVersions* ]]; then
+  echo "static release plugin: ok"
+else
+  echo "static release plugin: FAILED (build or start of $plugin)"
+  status=1
+fi
 # One closing line for the whole suite (cargo prints one per test binary, the last often "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, g }' "$log"

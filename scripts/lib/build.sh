@@ -5,7 +5,11 @@
 # Only the plugin: overlayd resolves etcd host names through glibc's NSS, which wants the shared
 # libc. `cargo rustc` passes the flag to the plugin's final link alone, so no dependency rebuilds.
 # (A later plain `cargo build --release` relinks the plugin dynamically; it still works, slower.)
+build_plugin_release() {
+  cargo rustc --release --locked -p overlay-cni --bin overlay -q -- -C target-feature=+crt-static
+}
+
 build_release() {
   cargo build --release --locked --bins -q
-  cargo rustc --release --locked -p overlay-cni --bin overlay -q -- -C target-feature=+crt-static
+  build_plugin_release
 }
