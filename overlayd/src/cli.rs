@@ -130,6 +130,9 @@ pub struct StatusArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub node: NodeArgs,
+    /// The `overlay` CNI plugin's `dataDir`, to count the pod addresses in use on this node.
+    #[arg(long, env = "OVERLAYD_CNI_DATA_DIR", default_value = overlay_state::ipam_store::DEFAULT_DATA_DIR)]
+    pub cni_data_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -585,12 +585,21 @@ fn status_reports_the_lease_and_every_peer_route() {
             .args(["status", "--etcd-endpoints", &lab.etcd.endpoint])
             .arg("--subnet-file")
             .arg(&lab.nodes[0].subnet_file)
+            .arg("--cni-data-dir")
+            .arg(&lab.nodes[0].ipam_dir)
             .output()
             .expect("status")
     };
     let out = status(&lab);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}");
+    assert!(text.contains("pod addresses: 0 of 253 allocated"), "{text}");
+    lab.add_pod(0);
+    lab.add_pod(0);
+    let out = status(&lab);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 of 253 allocated"), "{text}");
     assert!(
         text.contains(&format!("{} held by 192.0.2.10", lab.subnet(0))),
         "{text}"

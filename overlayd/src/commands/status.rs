@@ -1,10 +1,12 @@
 //! `overlayd status`: what an operator asks first on a node — which subnet, is the lease alive, and
 //! does the kernel route to every other node. Exit 0 when all is well, 1 otherwise.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use overlay_state::SubnetFile;
+use overlay_state::ipam_store::{pod_capacity, pod_range, valid_network_name};
+use overlay_state::{IpamStore, SubnetFile};
 
 use crate::cli::StatusArgs;
 use crate::dataplane::peers;
@@ -31,6 +33,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+
+    if let Some(f) = &file {
+        healthy &= report_pod_addresses(&args.cni_data_dir, f);
+    }
 
     let (conn, handle, _) = rtnetlink::new_connection().context("cannot open a netlink socket")?;
     tokio::spawn(conn);
@@ -115,4 +121,60 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How many of the subnet's pod addresses the plugin has handed out, per CNI network (one store
+/// each under the plugin's `dataDir`). A full subnet is unhealthy: new pods fail on this node.
+fn report_pod_addresses(data_dir: &Path, file: &SubnetFile) -> bool {
+    let capacity = pod_capacity(file.subnet);
+    let Some((first, last)) = pod_range(file.subnet) else {
+        return true;
+    };
+    let mut names: Vec<String> = match std::fs::read_dir(data_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_network_name(n))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    if names.is_empty() {
+        println!(
+            "pod addresses: 0 of {capacity} allocated (no IPAM store under {} yet)",
+            data_dir.display()
+        );
+        return true;
+    }
+    let mut healthy = true;
+    for name in names {
+        let Ok(store) = IpamStore::new(data_dir, &name) else {
+            continue;
+        };
+        match store.list() {
+            Ok(all) => {
+                let used = all
+                    .iter()
+                    .filter(|a| (first..=last).contains(&a.ip))
+                    .count();
+                let full = used >= capacity;
+                println!(
+                    "pod addresses (network {name}): {used} of {capacity} allocated{}, store {}",
+                    if full {
+                        " - FULL: new pods on this node fail; delete pods, or run CNI GC to release leaked addresses"
+                    } else {
+                        ""
+                    },
+                    store.dir().display()
+                );
+                healthy &= !full;
+            }
+            Err(e) => {
+                println!("pod addresses (network {name}): {e}");
+                healthy = false;
+            }
+        }
+    }
+    healthy
 }
