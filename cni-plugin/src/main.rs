@@ -18,16 +18,17 @@
 mod commands;
 mod config;
 mod error;
+mod later;
 mod link;
 mod netlink;
 mod netns;
-mod reap;
 mod spec;
 
 use std::io::Read;
 
 use config::{Command, Env, NetConf};
 use error::{code, CniError};
+use later::Later;
 use spec::{LATEST, SUPPORTED_VERSIONS};
 
 fn main() {
@@ -45,9 +46,14 @@ fn main() {
         )),
     };
     match outcome {
-        Ok(Outcome::Print(out)) => println!("{out}"),
-        Ok(Outcome::Nothing) => {}
-        Ok(Outcome::DeleteLink(index)) => reap::delete_link_later(index),
+        Ok(Outcome { print, later }) => {
+            if let Some(out) = print {
+                println!("{out}");
+            }
+            if let Some(later) = later {
+                later::after_answer(later);
+            }
+        }
         Err(e) => {
             println!("{}", e.to_json(&version));
             eprintln!("overlay: {e}");
@@ -56,12 +62,20 @@ fn main() {
     }
 }
 
-/// What is left to do once a command has succeeded.
-enum Outcome {
-    Nothing,
-    Print(String),
-    /// DEL's last step, done after the answer (see [`reap`]).
-    DeleteLink(u32),
+/// A command's success: what to print, and what to do after the answer (see [`later`]).
+#[derive(Default)]
+struct Outcome {
+    print: Option<String>,
+    later: Option<Later>,
+}
+
+impl Outcome {
+    fn print(out: String) -> Outcome {
+        Outcome {
+            print: Some(out),
+            later: None,
+        }
+    }
 }
 
 fn run(stdin: &[u8]) -> Result<Outcome, CniError> {
@@ -81,7 +95,7 @@ fn run(stdin: &[u8]) -> Result<Outcome, CniError> {
     };
     if command == Command::Version {
         let requested = NetConf::version_hint(stdin);
-        return Ok(Outcome::Print(commands::version::version(
+        return Ok(Outcome::print(commands::version::version(
             requested.as_deref(),
         )));
     }
@@ -94,24 +108,27 @@ fn run(stdin: &[u8]) -> Result<Outcome, CniError> {
     };
     if command == Command::Status {
         commands::status::status(&conf)?;
-        return Ok(Outcome::Nothing);
+        return Ok(Outcome::default());
     }
     match (command, env) {
         (Command::Add, Some(env)) => {
-            let result = commands::add::add(&conf, &env)?;
+            let (result, store) = commands::add::add(&conf, &env)?;
             let json = serde_json::to_string(&result.for_version(conf.version)).map_err(|e| {
                 CniError::new(code::IO_FAILURE, format!("cannot encode result: {e}"))
             })?;
-            Ok(Outcome::Print(json))
+            Ok(Outcome {
+                print: Some(json),
+                later: Some(Later::TopUpSpares(store)),
+            })
         }
-        (Command::Del, Some(env)) => Ok(match commands::del::del(&conf, &env)? {
-            Some(index) => Outcome::DeleteLink(index),
-            None => Outcome::Nothing,
+        (Command::Del, Some(env)) => Ok(Outcome {
+            print: None,
+            later: commands::del::del(&conf, &env)?.map(Later::DeleteLink),
         }),
         (Command::Check, Some(env)) => {
-            commands::check::check(&conf, &env).map(|()| Outcome::Nothing)
+            commands::check::check(&conf, &env).map(|()| Outcome::default())
         }
-        (Command::Gc, _) => commands::gc::gc(&conf).map(|()| Outcome::Nothing),
+        (Command::Gc, _) => commands::gc::gc(&conf).map(|()| Outcome::default()),
         _ => Err(CniError::new(code::INVALID_ENV, "unexpected command")),
     }
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use overlay_testlab::{require_root, Netns};
 use serde_json::{json, Value};
@@ -80,6 +82,10 @@ fn add_check_del_and_del_is_idempotent() {
     let result = node.add("acd", &pod);
     let ip = result_ip(&result);
     assert_eq!(node.store_ips(), vec![ip.clone()]);
+    // After answering, ADD leaves empty spare files for the next ADDs to rename.
+    overlay_testlab::wait_for("ADD's spare files", Duration::from_secs(5), || {
+        (node.store_spares() == 4).then_some(())
+    });
     assert_eq!(node.store_owner(&ip), Some(("acd".into(), "eth0".into())));
     let host_veth = node
         .links()

@@ -9,6 +9,7 @@
 //!     10.244.7.3
 //!     key.<16 hex>          index: the same file under the name of its (container id, ifname)
 //!     spare.10.244.7.9      a released allocation's file, kept for the next ADD to reuse
+//!     spare.new.0           an empty file made ahead of need (spare.new.0 .. spare.new.3)
 //! ```
 //!
 //! An allocation is one file with two names. It is made as `key.<hash>`, fully written, then
@@ -17,7 +18,8 @@
 //! 20 µs for a link or a rename), so an ADD creates at most one: a release renames the index entry
 //! to `spare.<ip>` (at most one per IP of the subnet) and the next ADD renames a spare back into
 //! an index entry and rewrites it. A spare is never linked under an IP name: its IP name is gone
-//! before it is renamed.
+//! before it is renamed. [`IpamStore::top_up_spares`] makes empty spares ahead of need (the plugin
+//! calls it after answering an ADD), so a node's first pods do not pay for inodes either.
 //!
 //! Crash safety (a plugin may be `kill -9`ed at any instruction):
 //! - An IP is taken exactly when a file with its name exists. That name is only ever made by
@@ -56,6 +58,8 @@ const LAST_RESERVED_FILE: &str = "last_reserved_ip";
 const TMP_PREFIX: &str = ".tmp.";
 const KEY_PREFIX: &str = "key.";
 const SPARE_PREFIX: &str = "spare.";
+/// How many empty spares [`IpamStore::top_up_spares`] keeps ready: enough for ADDs a few at a time.
+const NEW_SPARES: usize = 4;
 
 /// Who holds an IP: the runtime's (container id, interface name) pair, as in CNI's GC attachments.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -366,6 +370,24 @@ impl IpamStore {
         }
         let _ = fs::remove_file(&index);
         Err(exhausted())
+    }
+
+    /// Makes the empty spares `spare.new.0` .. `spare.new.3` that are missing, so that the next
+    /// ADDs rename instead of creating a file. Needs no lock: each is created with O_EXCL (so there
+    /// are never more than four), holds nothing, and an allocator rewrites whatever it renames.
+    /// Returns how many it made.
+    pub fn top_up_spares(&self) -> Result<usize, IpamError> {
+        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        let mut made = 0;
+        for k in 0..NEW_SPARES {
+            let path = self.dir.join(format!("{SPARE_PREFIX}new.{k}"));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(_) => made += 1,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(self.io(&path)(e)),
+            }
+        }
+        Ok(made)
     }
 
     /// Releases every IP `key` holds (normally one). Returns them; none is not an error.
@@ -685,6 +707,30 @@ mod tests {
             })
             .count();
         assert!(spares <= pod_capacity(s), "{spares} spares");
+    }
+
+    #[test]
+    fn spares_made_ahead_are_at_most_four_and_become_the_next_allocations() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net").unwrap();
+        let s = subnet("10.1.2.0/24");
+        assert_eq!(store.top_up_spares().unwrap(), 4);
+        assert_eq!(store.top_up_spares().unwrap(), 0);
+        let ino = |name: String| fs::metadata(store.dir().join(name)).unwrap().ino();
+        let made: BTreeSet<u64> = (0..4)
+            .map(|k| ino(format!("{SPARE_PREFIX}new.{k}")))
+            .collect();
+        let ips: Vec<Ipv4Addr> = (1..=4)
+            .map(|i| store.allocate(s, &key(i)).unwrap())
+            .collect();
+        let used: BTreeSet<u64> = ips.iter().map(|ip| ino(ip.to_string())).collect();
+        assert_eq!(used, made);
+        for (i, ip) in ips.iter().enumerate() {
+            let text = fs::read_to_string(store.dir().join(ip.to_string())).unwrap();
+            assert_eq!(text, format!("c{}\neth0\n{ip}\n", i + 1));
+        }
+        assert_eq!(store.top_up_spares().unwrap(), 4);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::netlink::{answers, Kind, Netlink, NlError};
 use crate::netns;
 use crate::spec::{CniResult, Interface, IpConfig, Route};
 
-pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
+/// The result, and the IPAM store (to top up its spares once the answer is out).
+pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, IpamStore), CniError> {
     let netns_path = env
         .netns
         .as_ref()
@@ -126,7 +127,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<CniResult, CniError> {
             .collect(),
         ..Default::default()
     };
-    Ok(merge(conf.prev_result.clone(), ours))
+    Ok((merge(conf.prev_result.clone(), ours), store))
 }
 
 struct Attachment<'a> {

@@ -4,7 +4,7 @@
 //!
 //! Deleting a veth costs the kernel a wait for an RCU grace period (about 20 ms, most of a DEL),
 //! and nothing the runtime does next depends on it: the pod is already cut off once its host end
-//! is down. So DEL answers first and the deletion finishes after (see [`crate::reap`]); an ADD
+//! is down. So DEL answers first and the deletion finishes after (see [`crate::later`]); an ADD
 //! that meets a host veth still waiting for it replaces it.
 
 use nix::errno::Errno;

@@ -221,6 +221,17 @@ impl Node {
             .unwrap_or(0)
     }
 
+    /// How many spare files (`spare.*`) the store holds for the next ADDs.
+    pub fn store_spares(&self) -> usize {
+        std::fs::read_dir(self.data_dir.join(NETWORK))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("spare."))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// The container id and ifname stored for `ip`.
     pub fn store_owner(&self, ip: &str) -> Option<(String, String)> {
         let text = std::fs::read_to_string(self.data_dir.join(NETWORK).join(ip)).ok()?;
