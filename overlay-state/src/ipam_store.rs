@@ -381,6 +381,11 @@ impl IpamStore {
         let mut made = 0;
         for k in 0..NEW_SPARES {
             let path = self.dir.join(format!("{SPARE_PREFIX}new.{k}"));
+            // A lookup shares the directory; an O_CREAT open locks it even to find the name
+            // taken, and ADDs in a burst are renaming in that directory.
+            if path.exists() {
+                continue;
+            }
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(_) => made += 1,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
