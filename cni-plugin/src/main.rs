@@ -32,7 +32,8 @@ use later::Later;
 use spec::{LATEST, SUPPORTED_VERSIONS};
 
 fn main() {
-    let mut stdin = Vec::new();
+    // Room for any usual config at once: an empty Vec makes std probe with 32-byte reads first.
+    let mut stdin = Vec::with_capacity(16 * 1024);
     let read = std::io::stdin().read_to_end(&mut stdin);
     // Errors carry the config's cniVersion when it is one we speak, else the newest.
     let version = NetConf::version_hint(&stdin)
