@@ -119,7 +119,7 @@ fn run(stdin: &[u8]) -> Result<Outcome, CniError> {
             })?;
             Ok(Outcome {
                 print: Some(json),
-                later: Some(Later::TopUpSpares(store)),
+                later: store.map(Later::TopUpSpares),
             })
         }
         (Command::Del, Some(env)) => Ok(Outcome {

@@ -106,6 +106,15 @@ impl AttachmentKey {
     }
 }
 
+/// What an allocation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocated {
+    pub ip: Ipv4Addr,
+    /// Spare files left for the next allocations (see [`IpamStore::top_up_spares`]); None when
+    /// the key already held its IP and nothing was used.
+    pub spares_left: Option<usize>,
+}
+
 /// One allocated IP. `key` is `None` for a file whose content cannot be read as a key (written by
 /// something else, or damaged by a crash of the machine); such an IP stays taken until GC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,13 +274,12 @@ impl IpamStore {
         }
     }
 
-    /// The IPs taken, by file name alone (no file is read), and a spare file if there is one.
-    /// Under the lock, also removes the temp files that killed allocators of earlier versions
-    /// left.
-    fn taken_removing_stale(&self) -> Result<(HashSet<u32>, Option<PathBuf>), IpamError> {
+    /// The IPs taken, by file name alone (no file is read), and the spare files. Under the lock,
+    /// also removes the temp files that killed allocators of earlier versions left.
+    fn taken_removing_stale(&self) -> Result<(HashSet<u32>, Vec<PathBuf>), IpamError> {
         let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
         let mut out = HashSet::new();
-        let mut spare = None;
+        let mut spares = Vec::new();
         for entry in entries {
             let entry = entry.map_err(self.io(&self.dir))?;
             let name = entry.file_name();
@@ -279,12 +287,12 @@ impl IpamStore {
             if let Ok(ip) = name.parse::<Ipv4Addr>() {
                 out.insert(u32::from(ip));
             } else if name.starts_with(SPARE_PREFIX) {
-                spare.get_or_insert_with(|| entry.path());
+                spares.push(entry.path());
             } else if name.starts_with(TMP_PREFIX) {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok((out, spare))
+        Ok((out, spares))
     }
 
     /// Allocates an IP of `subnet` for `key`, or returns the one `key` already holds. The search
@@ -295,16 +303,28 @@ impl IpamStore {
         subnet: Ipv4Network,
         key: &AttachmentKey,
     ) -> Result<Ipv4Addr, IpamError> {
+        self.allocate_counting_spares(subnet, key).map(|a| a.ip)
+    }
+
+    /// [`IpamStore::allocate`], also saying how many spare files are left.
+    pub fn allocate_counting_spares(
+        &self,
+        subnet: Ipv4Network,
+        key: &AttachmentKey,
+    ) -> Result<Allocated, IpamError> {
         let (first, last) = pod_range(subnet).ok_or(IpamError::SubnetTooSmall(subnet))?;
         let _lock = self.lock()?;
         if let Some(ip) = self.find(key)? {
             if (first..=last).contains(&ip) {
-                return Ok(ip);
+                return Ok(Allocated {
+                    ip,
+                    spares_left: None,
+                });
             }
             // Held from a subnet this node no longer has (renumbered): of no use to the pod.
             self.remove_ip_file(ip)?;
         }
-        let (used, spare) = self.taken_removing_stale()?;
+        let (used, mut spares) = self.taken_removing_stale()?;
         let (first, last) = (u32::from(first), u32::from(last));
         let capacity = (last - first + 1) as usize;
         let allocated = used
@@ -328,7 +348,7 @@ impl IpamStore {
         // rejected it) may still be linked under an IP someone else holds now, so it is never
         // written into: the rename replaces the name, the removal drops it.
         let index = self.dir.join(key.index_name());
-        let reused = match spare {
+        let reused = match spares.pop() {
             Some(spare) => fs::rename(&spare, &index).is_ok(),
             None => false,
         };
@@ -359,7 +379,10 @@ impl IpamStore {
             match fs::hard_link(&index, &target) {
                 Ok(()) => {
                     self.write_last_reserved(ip)?;
-                    return Ok(ip);
+                    return Ok(Allocated {
+                        ip,
+                        spares_left: Some(spares.len()),
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {

@@ -14,8 +14,12 @@ use crate::netlink::{answers, Kind, Netlink, NlError};
 use crate::netns;
 use crate::spec::{CniResult, Interface, IpConfig, Route};
 
-/// The result, and the IPAM store (to top up its spares once the answer is out).
-pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, IpamStore), CniError> {
+/// Fewer spares than this left after an allocation: top them up.
+const SPARES_LOW: usize = 2;
+
+/// The result, and the IPAM store if it is running short of spare files (to top them up once the
+/// answer is out: making a file is dear, and a fork costs about 0.1 ms, so only when needed).
+pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), CniError> {
     let netns_path = env
         .netns
         .as_ref()
@@ -65,7 +69,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, IpamStore), CniError
         .map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
 
     let key = env.key();
-    let ip = store.allocate(subnet_file.subnet, &key)?;
+    let allocated = store.allocate_counting_spares(subnet_file.subnet, &key)?;
+    let ip = allocated.ip;
     let host_name = link::host_veth_name(&env.container_id, &env.ifname);
     let attached = attach(
         conf,
@@ -127,7 +132,11 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, IpamStore), CniError
             .collect(),
         ..Default::default()
     };
-    Ok((merge(conf.prev_result.clone(), ours), store))
+    let short = allocated.spares_left.is_some_and(|n| n < SPARES_LOW);
+    Ok((
+        merge(conf.prev_result.clone(), ours),
+        short.then_some(store),
+    ))
 }
 
 struct Attachment<'a> {
