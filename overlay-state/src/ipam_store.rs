@@ -359,8 +359,11 @@ impl IpamStore {
             OpenOptions::new().write(true).create_new(true).open(&index)
         }
         .map_err(self.io(&index))?;
-        // A spare holds its last owner's content, which must not outlive the rewrite.
-        let mut written = reused;
+        // A spare holds its last owner's content, which must not outlive the rewrite. Cut to the
+        // new length after writing, never to zero first: ext4 flushes a file truncated to zero
+        // when it is closed (auto_da_alloc), a disk write on ADD's path. Until then the file is
+        // only an index entry, which find() checks against the IP file anyway.
+        let mut may_be_longer = reused;
         for offset in 0..capacity as u32 {
             let candidate = first + (start - first + offset) % capacity as u32;
             if used.contains(&candidate) {
@@ -368,13 +371,14 @@ impl IpamStore {
             }
             let ip = Ipv4Addr::from(candidate);
             let content = key.render_with(ip);
-            if written {
-                // Only when an IP file appeared that the listing did not show (not ours).
-                file.set_len(0).map_err(self.io(&index))?;
-            }
             file.write_all_at(content.as_bytes(), 0)
                 .map_err(self.io(&index))?;
-            written = true;
+            if may_be_longer {
+                file.set_len(content.len() as u64)
+                    .map_err(self.io(&index))?;
+            }
+            // Another try (an IP file appeared that the listing did not show) may write less.
+            may_be_longer = true;
             let target = self.dir.join(ip.to_string());
             match fs::hard_link(&index, &target) {
                 Ok(()) => {
