@@ -523,6 +523,56 @@ impl IpamStore {
     }
 }
 
+/// How full one CNI network's store is.
+#[derive(Debug)]
+pub struct StoreUsage {
+    pub network: String,
+    pub dir: PathBuf,
+    /// Pod addresses of the subnet handed out.
+    pub allocated: Result<usize, IpamError>,
+}
+
+/// The pod addresses of `subnet` in use, per network store under `data_dir` (the plugin's
+/// `dataDir`), sorted by network; empty when no store exists yet. Reads names only, no file.
+pub fn usage(data_dir: &Path, subnet: Ipv4Network) -> Vec<StoreUsage> {
+    let Some((first, last)) = pod_range(subnet) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = match fs::read_dir(data_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_network_name(n))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+        .into_iter()
+        .map(|network| {
+            let dir = data_dir.join(&network);
+            let allocated = fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse::<Ipv4Addr>().ok())
+                        .filter(|ip| (first..=last).contains(ip))
+                        .count()
+                })
+                .map_err(|source| IpamError::Io {
+                    path: dir.clone(),
+                    source,
+                });
+            StoreUsage {
+                network,
+                dir,
+                allocated,
+            }
+        })
+        .collect()
+}
+
 /// CNI network names are `[A-Za-z0-9][A-Za-z0-9_.-]*`; also what keeps one from escaping `dataDir`.
 pub fn valid_network_name(name: &str) -> bool {
     let mut chars = name.chars();
@@ -763,6 +813,28 @@ mod tests {
             assert_eq!(text, format!("c{}\neth0\n{ip}\n", i + 1));
         }
         assert_eq!(store.top_up_spares().unwrap(), 4);
+    }
+
+    #[test]
+    fn usage_counts_each_networks_addresses_of_the_subnet() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = subnet("10.1.2.0/24");
+        let a = IpamStore::new(dir.path(), "a").unwrap();
+        let b = IpamStore::new(dir.path(), "b").unwrap();
+        for i in 0..3 {
+            a.allocate(s, &key(i)).unwrap();
+        }
+        b.allocate(s, &key(9)).unwrap();
+        a.top_up_spares().unwrap();
+        // An address of another subnet (the node was renumbered) does not count.
+        fs::write(a.dir().join("10.9.9.9"), "x\neth0\n").unwrap();
+        let u = usage(dir.path(), s);
+        let got: Vec<(String, usize)> = u
+            .into_iter()
+            .map(|u| (u.network, u.allocated.unwrap()))
+            .collect();
+        assert_eq!(got, vec![("a".to_string(), 3), ("b".to_string(), 1)]);
+        assert!(usage(&dir.path().join("none"), s).is_empty());
     }
 
     #[test]

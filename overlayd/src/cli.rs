@@ -99,6 +99,10 @@ pub struct NodeArgs {
     /// Where the leased subnet is written for the CNI plugin.
     #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = overlay_state::DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
+    /// The `overlay` CNI plugin's `dataDir`, read (never written) to count the pod addresses in
+    /// use on this node, for `status` and /metrics.
+    #[arg(long, env = "OVERLAYD_CNI_DATA_DIR", default_value = overlay_state::ipam_store::DEFAULT_DATA_DIR)]
+    pub cni_data_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -130,9 +134,6 @@ pub struct StatusArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub node: NodeArgs,
-    /// The `overlay` CNI plugin's `dataDir`, to count the pod addresses in use on this node.
-    #[arg(long, env = "OVERLAYD_CNI_DATA_DIR", default_value = overlay_state::ipam_store::DEFAULT_DATA_DIR)]
-    pub cni_data_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

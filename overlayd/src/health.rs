@@ -2,17 +2,22 @@
 //!
 //! Healthy means: this node holds its subnet and the last data plane pass succeeded. The counters
 //! make drift visible: a cluster whose `overlayd_dataplane_changes_total` keeps climbing without
-//! lease changes has something else fighting over its routes.
+//! lease changes has something else fighting over its routes. `overlayd_pod_addresses` against
+//! `overlayd_pod_address_capacity` warns before a node's subnet runs out (read from the CNI
+//! plugin's store at each scrape).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use ipnetwork::Ipv4Network;
+use overlay_state::ipam_store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,12 +31,22 @@ pub struct ChangeLabels {
     pub op: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetworkLabels {
+    /// The CNI network (the plugin keeps one store per network name).
+    pub network: String,
+}
+
 pub struct Health {
     registry: Registry,
     pub leases: Gauge,
     pub peers: Gauge,
     pub changes: Family<ChangeLabels, Counter>,
     pub errors: Counter,
+    pod_addresses: Family<NetworkLabels, Gauge>,
+    pod_capacity: Gauge,
+    /// The plugin's data dir and this node's subnet, once leased.
+    ipam: Mutex<Option<(PathBuf, Ipv4Network)>>,
     leased: AtomicBool,
     dataplane_ok: AtomicBool,
 }
@@ -49,6 +64,8 @@ impl Health {
         let peers = Gauge::default();
         let changes = Family::<ChangeLabels, Counter>::default();
         let errors = Counter::default();
+        let pod_addresses = Family::<NetworkLabels, Gauge>::default();
+        let pod_capacity = Gauge::default();
         registry.register(
             "subnet_leases",
             "Subnet leases in etcd, this node's included",
@@ -65,12 +82,25 @@ impl Health {
             "Data plane passes that failed",
             errors.clone(),
         );
+        registry.register(
+            "pod_addresses",
+            "Pod addresses of this node's subnet the CNI plugin has handed out",
+            pod_addresses.clone(),
+        );
+        registry.register(
+            "pod_address_capacity",
+            "Pod addresses this node's subnet has (all but network, gateway, broadcast)",
+            pod_capacity.clone(),
+        );
         Health {
             registry,
             leases,
             peers,
             changes,
             errors,
+            pod_addresses,
+            pod_capacity,
+            ipam: Mutex::new(None),
             leased: AtomicBool::new(false),
             dataplane_ok: AtomicBool::new(true),
         }
@@ -78,6 +108,30 @@ impl Health {
 
     pub fn set_leased(&self, v: bool) {
         self.leased.store(v, Ordering::Relaxed);
+    }
+
+    /// Where to count pod addresses from: the plugin's data dir, and the subnet leased.
+    pub fn set_ipam(&self, data_dir: PathBuf, subnet: Ipv4Network) {
+        self.pod_capacity
+            .set(ipam_store::pod_capacity(subnet) as i64);
+        if let Ok(mut g) = self.ipam.lock() {
+            *g = Some((data_dir, subnet));
+        }
+    }
+
+    /// Recounts the pod addresses (a directory listing per network; no file is read).
+    fn refresh_pod_addresses(&self) {
+        let Some((dir, subnet)) = self.ipam.lock().ok().and_then(|g| g.clone()) else {
+            return;
+        };
+        self.pod_addresses.clear();
+        for u in ipam_store::usage(&dir, subnet) {
+            if let Ok(n) = u.allocated {
+                self.pod_addresses
+                    .get_or_create(&NetworkLabels { network: u.network })
+                    .set(n as i64);
+            }
+        }
     }
 
     pub fn set_dataplane_ok(&self, v: bool) {
@@ -113,6 +167,9 @@ async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let counted = h.clone();
+    // Directory listings: off the async threads.
+    let _ = tokio::task::spawn_blocking(move || counted.refresh_pod_addresses()).await;
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &h.registry) {
         Ok(()) => (

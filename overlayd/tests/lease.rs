@@ -756,11 +756,17 @@ fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
     let port = free_port(Ipv4Addr::LOCALHOST);
     let addr = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
+    let cni_dir = dir.path().join("cni");
     let mut d = daemon(
         &etcd.endpoint,
         "127.0.0.81",
         dir.path(),
-        &["--metrics-addr", &addr],
+        &[
+            "--metrics-addr",
+            &addr,
+            "--cni-data-dir",
+            cni_dir.to_str().unwrap(),
+        ],
     );
     d.wait_log("network config not found", Duration::from_secs(10));
     let (status, body) = wait_for("the health server", Duration::from_secs(5), || {
@@ -780,6 +786,26 @@ fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
     });
     assert_eq!(status, 200);
     assert!(metrics.contains("# HELP overlayd_peers"), "{metrics}");
+    // Pod addresses, counted from the CNI plugin's store at each scrape.
+    assert!(
+        metrics.contains("overlayd_pod_address_capacity 253"),
+        "{metrics}"
+    );
+    let subnet = leased_subnet(&d);
+    let store = overlay_state::IpamStore::new(&cni_dir, "podnet").unwrap();
+    for i in 0..2 {
+        store
+            .allocate(
+                subnet,
+                &overlay_state::AttachmentKey::new(format!("c{i}"), "eth0"),
+            )
+            .unwrap();
+    }
+    let (_, metrics) = http_get(&addr, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains(r#"overlayd_pod_addresses{network="podnet"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -179,6 +179,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.node.subnet_file.display()
     );
 
+    health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
     health.set_leased(true);
     supervise(
         &reg,

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use overlay_state::ipam_store::{pod_capacity, pod_range, valid_network_name};
-use overlay_state::{IpamStore, SubnetFile};
+use overlay_state::ipam_store::{self, pod_capacity};
+use overlay_state::SubnetFile;
 
 use crate::cli::StatusArgs;
 use crate::dataplane::peers;
@@ -35,7 +35,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     };
 
     if let Some(f) = &file {
-        healthy &= report_pod_addresses(&args.cni_data_dir, f);
+        healthy &= report_pod_addresses(&args.node.cni_data_dir, f);
     }
 
     let (conn, handle, _) = rtnetlink::new_connection().context("cannot open a netlink socket")?;
@@ -127,20 +127,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
 /// each under the plugin's `dataDir`). A full subnet is unhealthy: new pods fail on this node.
 fn report_pod_addresses(data_dir: &Path, file: &SubnetFile) -> bool {
     let capacity = pod_capacity(file.subnet);
-    let Some((first, last)) = pod_range(file.subnet) else {
-        return true;
-    };
-    let mut names: Vec<String> = match std::fs::read_dir(data_dir) {
-        Ok(entries) => entries
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| valid_network_name(n))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    names.sort();
-    if names.is_empty() {
+    let stores = ipam_store::usage(data_dir, file.subnet);
+    if stores.is_empty() {
         println!(
             "pod addresses: 0 of {capacity} allocated (no IPAM store under {} yet)",
             data_dir.display()
@@ -148,30 +136,24 @@ fn report_pod_addresses(data_dir: &Path, file: &SubnetFile) -> bool {
         return true;
     }
     let mut healthy = true;
-    for name in names {
-        let Ok(store) = IpamStore::new(data_dir, &name) else {
-            continue;
-        };
-        match store.list() {
-            Ok(all) => {
-                let used = all
-                    .iter()
-                    .filter(|a| (first..=last).contains(&a.ip))
-                    .count();
+    for u in stores {
+        match u.allocated {
+            Ok(used) => {
                 let full = used >= capacity;
                 println!(
-                    "pod addresses (network {name}): {used} of {capacity} allocated{}, store {}",
+                    "pod addresses (network {}): {used} of {capacity} allocated{}, store {}",
+                    u.network,
                     if full {
                         " - FULL: new pods on this node fail; delete pods, or run CNI GC to release leaked addresses"
                     } else {
                         ""
                     },
-                    store.dir().display()
+                    u.dir.display()
                 );
                 healthy &= !full;
             }
             Err(e) => {
-                println!("pod addresses (network {name}): {e}");
+                println!("pod addresses (network {}): {e}", u.network);
                 healthy = false;
             }
         }
