@@ -15,7 +15,7 @@ use rtnetlink::packet_core::{
     NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::sys::{constants::NETLINK_ROUTE, Socket, SocketAddr};
+use rtnetlink::sys::{constants::NETLINK_ROUTE, Socket};
 
 /// A failed request: the kernel's errno, or trouble with the socket itself.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +77,9 @@ const RECV_BUF: usize = 64 * 1024;
 impl Netlink {
     /// A socket in the calling thread's current network namespace.
     pub fn open() -> io::Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
+        // No bind or connect: the kernel binds the socket at its first send, and an unconnected
+        // netlink socket sends to the kernel (port 0). Three system calls a socket saved.
+        let socket = Socket::new(NETLINK_ROUTE)?;
         Ok(Netlink {
             socket,
             seq: 0,
