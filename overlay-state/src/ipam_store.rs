@@ -274,12 +274,13 @@ impl IpamStore {
         }
     }
 
-    /// The IPs taken, by file name alone (no file is read), and the spare files. Under the lock,
-    /// also removes the temp files that killed allocators of earlier versions left.
-    fn taken_removing_stale(&self) -> Result<(HashSet<u32>, Vec<PathBuf>), IpamError> {
+    /// The IPs taken, by file name alone (no file is read), one spare file and how many there
+    /// are. Under the lock, also removes the temp files that killed allocators of earlier
+    /// versions left.
+    fn taken_removing_stale(&self) -> Result<(HashSet<u32>, Option<PathBuf>, usize), IpamError> {
         let entries = fs::read_dir(&self.dir).map_err(self.io(&self.dir))?;
         let mut out = HashSet::new();
-        let mut spares = Vec::new();
+        let (mut spare, mut spares) = (None, 0);
         for entry in entries {
             let entry = entry.map_err(self.io(&self.dir))?;
             let name = entry.file_name();
@@ -287,12 +288,13 @@ impl IpamStore {
             if let Ok(ip) = name.parse::<Ipv4Addr>() {
                 out.insert(u32::from(ip));
             } else if name.starts_with(SPARE_PREFIX) {
-                spares.push(entry.path());
+                spares += 1;
+                spare.get_or_insert_with(|| entry.path());
             } else if name.starts_with(TMP_PREFIX) {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok((out, spares))
+        Ok((out, spare, spares))
     }
 
     /// Allocates an IP of `subnet` for `key`, or returns the one `key` already holds. The search
@@ -324,7 +326,7 @@ impl IpamStore {
             // Held from a subnet this node no longer has (renumbered): of no use to the pod.
             self.remove_ip_file(ip)?;
         }
-        let (used, mut spares) = self.taken_removing_stale()?;
+        let (used, spare, spares) = self.taken_removing_stale()?;
         let (first, last) = (u32::from(first), u32::from(last));
         let capacity = (last - first + 1) as usize;
         let allocated = used
@@ -348,7 +350,7 @@ impl IpamStore {
         // rejected it) may still be linked under an IP someone else holds now, so it is never
         // written into: the rename replaces the name, the removal drops it.
         let index = self.dir.join(key.index_name());
-        let reused = match spares.pop() {
+        let reused = match spare {
             Some(spare) => fs::rename(&spare, &index).is_ok(),
             None => false,
         };
@@ -385,7 +387,7 @@ impl IpamStore {
                     self.write_last_reserved(ip)?;
                     return Ok(Allocated {
                         ip,
-                        spares_left: Some(spares.len()),
+                        spares_left: Some(spares - usize::from(reused)),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
