@@ -212,21 +212,19 @@ impl Node {
 
     /// How many index entries (`key.*`) the store holds.
     pub fn store_index_entries(&self) -> usize {
-        std::fs::read_dir(self.data_dir.join(NETWORK))
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("key."))
-                    .count()
-            })
-            .unwrap_or(0)
+        self.store_entries("key.")
     }
 
     /// How many spare files (`spare.*`) the store holds for the next ADDs.
     pub fn store_spares(&self) -> usize {
+        self.store_entries("spare.")
+    }
+
+    fn store_entries(&self, prefix: &str) -> usize {
         std::fs::read_dir(self.data_dir.join(NETWORK))
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("spare."))
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
                     .count()
             })
             .unwrap_or(0)
