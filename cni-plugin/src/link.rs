@@ -222,9 +222,9 @@ pub fn set_up_message(index: u32) -> RouteNetlinkMessage {
     RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).up().build())
 }
 
-/// Kind: Change.
-pub fn set_down_message(index: u32) -> RouteNetlinkMessage {
-    RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).down().build())
+/// The link called `name` down (the kernel finds it by name). Kind: Change.
+pub fn set_down_by_name_message(name: &str) -> RouteNetlinkMessage {
+    RouteNetlinkMessage::SetLink(LinkUnspec::new_with_name(name).down().build())
 }
 
 /// Deletes the link called `name` (one request: the kernel finds it by name); a link that is not

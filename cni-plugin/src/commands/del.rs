@@ -24,16 +24,19 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<Option<u32>, CniError> {
     let kernel =
         |e: NlError| CniError::kernel(format!("cannot take down host veth {host_name}"), e);
     // Out of service first: the IP becomes free only when nothing carries it any more. Down, the
-    // pair has no carrier and the bridge forwards nothing to or from it.
-    let link = link::by_name(&mut host, &host_name).map_err(kernel)?;
-    let mut pending = None;
-    if let Some(l) = link {
-        match done(host.request(link::set_down_message(l.index), Kind::Change)) {
-            Ok(()) => pending = Some(l.index),
-            Err(e) if e.is(Errno::ENODEV) => {}
-            Err(e) => return Err(kernel(e)),
-        }
-    }
+    // pair has no carrier and the bridge forwards nothing to or from it. Set down by name and
+    // looked up (for its index) in one send; both answer ENODEV when there is no such link.
+    let [down, found] = host
+        .batch_of([
+            (link::set_down_by_name_message(&host_name), Kind::Change),
+            link::get_by_name_request(&host_name),
+        ])
+        .map_err(kernel)?;
+    let pending = match done(down) {
+        Ok(()) => link::found(found).map_err(kernel)?.map(|l| l.index),
+        Err(e) if e.is(Errno::ENODEV) => None,
+        Err(e) => return Err(kernel(e)),
+    };
     store.release(&env.key())?;
     Ok(pending)
 }
