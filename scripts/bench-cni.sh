@@ -87,8 +87,7 @@ us() { local t=${1/./}; echo $((10#$t)); }
 call() { # o|r COMMAND POD ID-PREFIX
   local out
   out=$(CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 exec "${plugin[$1]}" <"${conf[$1]}") ||
-    { echo "$1: $2 of pod $3 failed: $out" >&2
-      CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 "${plugin[$1]}" <"${conf[$1]}" >&2; exit 1; }
+    { echo "$1: $2 of pod $3 failed: $out" >&2; exit 1; }
 }
 declare -A sum
 timed() { # COMMAND ID-PREFIX: both plugins, alternating; totals in sum[o], sum[r]
