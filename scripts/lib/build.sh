@@ -9,7 +9,8 @@ build_plugin_release() {
   cargo rustc --release --locked -p overlay-cni --bin overlay -q -- -C target-feature=+crt-static
 }
 
+# Everything but the plugin through cargo build, so the plugin is linked once, statically.
 build_release() {
-  cargo build --release --locked --bins -q
+  cargo build --release --locked --workspace --exclude overlay-cni --bins -q
   build_plugin_release
 }
