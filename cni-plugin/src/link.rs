@@ -105,14 +105,10 @@ pub fn format_mac(bytes: &[u8]) -> String {
         .join(":")
 }
 
-fn get_by_name(name: &str) -> RouteNetlinkMessage {
+pub fn get_by_name_request(name: &str) -> (RouteNetlinkMessage, Kind) {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_string()));
-    RouteNetlinkMessage::GetLink(m)
-}
-
-pub fn get_by_name_request(name: &str) -> (RouteNetlinkMessage, Kind) {
-    (get_by_name(name), Kind::Get)
+    (RouteNetlinkMessage::GetLink(m), Kind::Get)
 }
 
 /// The link a [`get_by_name_request`] found, or `None` if there is no such link.
@@ -129,7 +125,8 @@ pub fn found(r: Reply) -> Result<Option<Link>, NlError> {
 
 /// The link called `name`, or `None`.
 pub fn by_name(nl: &mut Netlink, name: &str) -> Result<Option<Link>, NlError> {
-    found(nl.request(get_by_name(name), Kind::Get))
+    let (msg, kind) = get_by_name_request(name);
+    found(nl.request(msg, kind))
 }
 
 /// The pods' bridge with the gateway address on it, made if missing (`existing` is what a lookup

@@ -159,9 +159,14 @@ impl Netlink {
     /// One request, answered.
     pub fn request(&mut self, msg: RouteNetlinkMessage, kind: Kind) -> Reply {
         let pending = self.send(vec![(msg, kind)])?;
-        self.collect(pending)?
-            .pop()
-            .unwrap_or_else(|| Err(NlError::Decode("no answer".into())))
+        self.collect_one(pending)
+    }
+
+    /// The answer to a single request sent with [`Netlink::send`]; trouble with the socket
+    /// counts as the request's failure.
+    pub fn collect_one(&mut self, pending: Pending) -> Reply {
+        let [reply] = answers(self.collect(pending)?)?;
+        reply
     }
 
     /// Several requests in one send, answered in order.

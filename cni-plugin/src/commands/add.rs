@@ -10,7 +10,7 @@ use overlay_state::{IpamStore, SubnetFile};
 use crate::config::{Env, NetConf};
 use crate::error::{code, CniError};
 use crate::link::{self, created, done, found};
-use crate::netlink::{answers, Kind, Netlink, NlError};
+use crate::netlink::{Kind, Netlink, NlError};
 use crate::netns;
 use crate::spec::{CniResult, Interface, IpConfig, Route};
 
@@ -40,14 +40,8 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), 
     let host_q = host
         .send(vec![link::get_by_name_request(&conf.bridge)])
         .map_err(kernel("cannot list the node's links"))?;
-    let [existing] = pod
-        .collect(pod_q)
-        .and_then(answers)
-        .map_err(kernel("cannot list the pod's links"))?;
-    let [bridge] = host
-        .collect(host_q)
-        .and_then(answers)
-        .map_err(kernel("cannot list the node's links"))?;
+    let existing = pod.collect_one(pod_q);
+    let bridge = host.collect_one(host_q);
     // Before the store changes: an existing interface belongs to someone else (or to an earlier
     // ADD that succeeded), so it must neither be touched nor have its IP released.
     if found(existing)
@@ -239,10 +233,7 @@ fn attach(
         created(next()).map_err(kernel("cannot add the pod's route"))?;
     }
     if let Some(q) = hairpin {
-        a.host
-            .collect(q)
-            .and_then(answers)
-            .and_then(|[r]| done(r))
+        done(a.host.collect_one(q))
             .map_err(kernel("cannot turn on hairpin mode on the host veth"))?;
     }
     Ok((link::format_mac(&host_end.mac), pod_link.mac))
