@@ -142,19 +142,20 @@ pub fn ensure_bridge(
     prefix: u8,
     mtu: u32,
 ) -> Result<Link, NlError> {
-    match existing {
+    let b = match existing {
         // Whoever brought it up (overlayd, or an earlier ADD) gave it the gateway first.
         Some(b) if b.up => return Ok(b),
-        Some(_) => {}
+        Some(b) => b,
         None => {
             let msg = LinkBridge::new(name)
                 .mtu(mtu)
                 .address(ip_mac(gateway).to_vec())
                 .build();
             created(nl.request(RouteNetlinkMessage::NewLink(msg), Kind::Create))?;
+            // Its index: the kernel's answer to a create carries none.
+            by_name(nl, name)?.ok_or(NlError::Kernel(Errno::ENODEV as i32))?
         }
-    }
-    let b = by_name(nl, name)?.ok_or(NlError::Kernel(Errno::ENODEV as i32))?;
+    };
     // Address, then up, in one send: the kernel applies them in order.
     let [addr, up] = nl.batch_of([
         (address_message(b.index, gateway, prefix), Kind::Create),
