@@ -431,15 +431,15 @@ impl IpamStore {
         }
         let _lock = self.lock()?;
         let mut released = Vec::new();
+        let index = self.dir.join(key.index_name());
         if let Some(ip) = self.find(key)? {
             self.remove_ip_file(ip)?;
             released.push(ip);
             // The IP name is gone, so the file is only the index entry now: keep it for the next
-            // ADD. (Failing that, it is removed below like any index entry.)
-            let _ = fs::rename(
-                self.dir.join(key.index_name()),
-                self.dir.join(format!("{SPARE_PREFIX}{ip}")),
-            );
+            // ADD. Failing that, it is removed like any index entry.
+            if fs::rename(&index, self.dir.join(format!("{SPARE_PREFIX}{ip}"))).is_ok() {
+                return Ok(released);
+            }
         } else {
             // No index entry: only something outside this store's rules could have made such a
             // file, so look at every one.
