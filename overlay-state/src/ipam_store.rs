@@ -191,17 +191,22 @@ impl IpamStore {
         move |source| IpamError::Io { path, source }
     }
 
+    /// Opens `path` for writing, creating it if missing and keeping what it holds.
+    fn open_keeping(&self, path: &Path) -> Result<File, IpamError> {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(self.io(path))
+    }
+
     /// Takes the store's exclusive lock, creating the directory if needed. Blocks while another
     /// process holds it.
     pub fn lock(&self) -> Result<StoreLock, IpamError> {
         fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
         let path = self.dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(self.io(&path))?;
+        let file = self.open_keeping(&path)?;
         // flock(2): released by the kernel when the process dies, and the same lock the Go
         // plugins take, should anyone point one at this directory. (std's `File::lock` does the
         // same but needs Rust 1.89; the workspace supports 1.85.)
@@ -514,12 +519,7 @@ impl IpamStore {
     /// write reads as absent or as an IP that fails its range check.
     fn write_last_reserved(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
         let path = self.dir.join(LAST_RESERVED_FILE);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(self.io(&path))?;
+        let file = self.open_keeping(&path)?;
         file.write_all_at(format!("{ip:<15}\n").as_bytes(), 0)
             .map_err(self.io(&path))
     }
