@@ -63,9 +63,17 @@ impl RegistryError {
 pub struct Registry {
     client: Client,
     pub keys: Keys,
+    errors: ErrorContext,
+}
+
+/// What an etcd failure is told with: one mapping for connecting and for every call.
+#[derive(Clone)]
+struct ErrorContext {
     endpoints: String,
     /// Said after a connection failure when the TLS flags look incomplete for the endpoints.
     tls_hint: &'static str,
+    prefix: String,
+    user: Option<String>,
 }
 
 impl Registry {
@@ -99,23 +107,6 @@ impl Registry {
             }
             opts = opts.with_tls(tls);
         }
-        // With credentials, connecting authenticates at once (a call); without, it is lazy.
-        let client = Client::connect(&args.etcd_endpoints, Some(opts))
-            .await
-            .map_err(|e| match &e {
-                etcd_client::Error::GRpcStatus(s)
-                    if matches!(auth_problem(s), Some(AuthProblem::BadCredentials)) =>
-                {
-                    RegistryError::AuthFailed {
-                        endpoints: endpoints.clone(),
-                        user: args.etcd_username.clone().unwrap_or_default(),
-                    }
-                }
-                _ => RegistryError::Unreachable {
-                    endpoints: endpoints.clone(),
-                    detail: e.to_string(),
-                },
-            })?;
         let https = args
             .etcd_endpoints
             .iter()
@@ -129,16 +120,26 @@ impl Registry {
             (false, Some(_), _) => " (TLS files were given but the endpoints are http://; use https://)",
             _ => "",
         };
-        Ok(Registry {
-            client,
-            keys: Keys::new(&args.etcd_prefix),
+        let keys = Keys::new(&args.etcd_prefix);
+        let errors = ErrorContext {
             endpoints,
             tls_hint,
+            prefix: keys.prefix().to_string(),
+            user: args.etcd_username.clone(),
+        };
+        // With credentials, connecting authenticates at once (a call); without, it is lazy.
+        let client = Client::connect(&args.etcd_endpoints, Some(opts))
+            .await
+            .map_err(|e| errors.map(e))?;
+        Ok(Registry {
+            client,
+            keys,
+            errors,
         })
     }
 
     pub fn endpoints(&self) -> &str {
-        &self.endpoints
+        &self.errors.endpoints
     }
 
     pub fn client(&self) -> Client {
@@ -154,66 +155,14 @@ impl Registry {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.map_err(e)),
             Err(_) => Err(RegistryError::Unreachable {
-                endpoints: self.endpoints.clone(),
+                endpoints: self.errors.endpoints.clone(),
                 detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
             }),
         }
     }
 
     pub fn map_err(&self, e: etcd_client::Error) -> RegistryError {
-        use etcd_client::Error as E;
-        let endpoints = self.endpoints.clone();
-        match e {
-            E::GRpcStatus(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-                ) =>
-            {
-                RegistryError::Unreachable {
-                    endpoints,
-                    detail: match std::error::Error::source(&s) {
-                        Some(src) => {
-                            format!("{}: {}{}", s.message(), root_cause(src), self.tls_hint)
-                        }
-                        None => format!("{}{}", s.message(), self.tls_hint),
-                    },
-                }
-            }
-            E::GRpcStatus(s) => {
-                let hint = match auth_problem(&s) {
-                    Some(AuthProblem::NoUser) => {
-                        " (etcd has authentication enabled: pass --etcd-username and \
-                         --etcd-password, or OVERLAYD_ETCD_USERNAME and OVERLAYD_ETCD_PASSWORD)"
-                            .to_string()
-                    }
-                    Some(AuthProblem::NoPermission) => format!(
-                        " (the etcd user needs read and write under {prefix}/ and nothing \
-                         else: `etcdctl role grant-permission <its role> --prefix=true \
-                         readwrite {prefix}/`)",
-                        prefix = self.keys.prefix()
-                    ),
-                    Some(AuthProblem::BadCredentials) => " (wrong username or password)".into(),
-                    None => String::new(),
-                };
-                RegistryError::Rejected {
-                    endpoints,
-                    detail: format!("{}: {}{hint}", s.code(), s.message()),
-                }
-            }
-            E::TransportError(t) => RegistryError::Unreachable {
-                endpoints,
-                detail: format!("{t}: {}{}", root_cause(&t), self.tls_hint),
-            },
-            E::IoError(io) => RegistryError::Unreachable {
-                endpoints,
-                detail: io.to_string(),
-            },
-            other => RegistryError::Rejected {
-                endpoints,
-                detail: other.to_string(),
-            },
-        }
+        self.errors.map(e)
     }
 
     /// Reads and validates `<prefix>/config`. Warnings (unknown fields) come back for logging.
@@ -224,7 +173,7 @@ impl Registry {
         let Some(kv) = resp.kvs().first() else {
             return Err(RegistryError::ConfigMissing {
                 key,
-                endpoints: self.endpoints.clone(),
+                endpoints: self.errors.endpoints.clone(),
             });
         };
         NetworkConfig::parse(kv.value())
@@ -278,6 +227,73 @@ impl Registry {
 
 /// The innermost cause ("Connection refused (os error 111)"): gRPC's top-level messages alone
 /// ("tcp connect error") do not say what to fix.
+impl ErrorContext {
+    fn map(&self, e: etcd_client::Error) -> RegistryError {
+        use etcd_client::Error as E;
+        let endpoints = self.endpoints.clone();
+        match e {
+            E::GRpcStatus(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                ) =>
+            {
+                RegistryError::Unreachable {
+                    endpoints,
+                    detail: match std::error::Error::source(&s) {
+                        Some(src) => {
+                            format!("{}: {}{}", s.message(), root_cause(src), self.tls_hint)
+                        }
+                        None => format!("{}{}", s.message(), self.tls_hint),
+                    },
+                }
+            }
+            E::GRpcStatus(s)
+                if matches!(auth_problem(&s), Some(AuthProblem::BadCredentials))
+                    && self.user.is_some() =>
+            {
+                RegistryError::AuthFailed {
+                    endpoints,
+                    user: self.user.clone().unwrap_or_default(),
+                }
+            }
+            E::GRpcStatus(s) => {
+                let hint = match auth_problem(&s) {
+                    Some(AuthProblem::NoUser) => {
+                        " (etcd has authentication enabled: pass --etcd-username and \
+                         --etcd-password, or OVERLAYD_ETCD_USERNAME and OVERLAYD_ETCD_PASSWORD)"
+                            .to_string()
+                    }
+                    Some(AuthProblem::NoPermission) => format!(
+                        " (the etcd user needs read and write under {prefix}/ and nothing \
+                         else: `etcdctl role grant-permission <its role> --prefix=true \
+                         readwrite {prefix}/`)",
+                        prefix = self.prefix
+                    ),
+                    Some(AuthProblem::BadCredentials) => " (wrong username or password)".into(),
+                    None => String::new(),
+                };
+                RegistryError::Rejected {
+                    endpoints,
+                    detail: format!("{}: {}{hint}", s.code(), s.message()),
+                }
+            }
+            E::TransportError(t) => RegistryError::Unreachable {
+                endpoints,
+                detail: format!("{t}: {}{}", root_cause(&t), self.tls_hint),
+            },
+            E::IoError(io) => RegistryError::Unreachable {
+                endpoints,
+                detail: io.to_string(),
+            },
+            other => RegistryError::Rejected {
+                endpoints,
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
 /// What etcd's authentication refused, recognised by etcd's own messages (its gRPC codes are
 /// shared with other failures).
 enum AuthProblem {
