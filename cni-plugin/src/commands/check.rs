@@ -119,10 +119,16 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     }
 
     let host_name = link::host_veth_name(&env.container_id, &env.ifname);
-    let host_link = link::by_name(&mut host, &host_name)
+    let [host_link, bridge] = host
+        .batch_of([
+            link::get_by_name_request(&host_name),
+            link::get_by_name_request(&conf.bridge),
+        ])
+        .map_err(kernel("cannot list the host's links"))?;
+    let host_link = link::found(host_link)
         .map_err(kernel("cannot list the host's links"))?
         .ok_or_else(|| mismatch(format!("host veth {host_name} is missing")))?;
-    let bridge = link::by_name(&mut host, &conf.bridge)
+    let bridge = link::found(bridge)
         .map_err(kernel("cannot list the host's links"))?
         .ok_or_else(|| mismatch(format!("bridge {} is missing", conf.bridge)))?;
     if host_link.controller != Some(bridge.index) {
