@@ -358,7 +358,7 @@ fn add_right_after_del_of_the_same_attachment_keeps_its_veth() {
         node.del("again", Some(&pod)).expect_ok();
         let ip = result_ip(&node.add("again", &pod));
         // Longer than any pending deletion takes (about 20 ms).
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
         assert_eq!(node.links().len(), 2, "round {round}: {:?}", node.links());
         assert_eq!(addrs_of(&pod, "eth0"), vec![ip], "round {round}");
         assert!(
