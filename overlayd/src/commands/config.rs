@@ -137,8 +137,11 @@ fn capacity_line(cfg: &NetworkConfig) -> String {
 
 /// The raw config key: its value and mod revision, or None when it does not exist.
 async fn read_raw(reg: &Registry) -> anyhow::Result<Option<(Vec<u8>, i64)>> {
-    let mut c = reg.client();
-    let resp = reg.call(c.get(reg.keys.config(), None)).await?;
+    let key = reg.keys.config();
+    let key = key.as_str();
+    let resp = reg
+        .call(|mut c| async move { c.get(key, None).await })
+        .await?;
     Ok(resp
         .kvs()
         .first()
@@ -332,8 +335,12 @@ async fn put(arg: &str, force: bool, etcd: &EtcdArgs) -> anyhow::Result<ExitCode
     let txn = Txn::new()
         .when([guard])
         .and_then([TxnOp::put(key.as_str(), value.as_str(), None)]);
-    let mut c = reg.client();
-    if !reg.call(c.txn(txn)).await?.succeeded() {
+    let txn = &txn;
+    if !reg
+        .call(|mut c| async move { c.txn(txn.clone()).await })
+        .await?
+        .succeeded()
+    {
         println!(
             "{key} changed while this command ran (someone else wrote it); nothing written. Run \
              `overlayd config show` and try again"
