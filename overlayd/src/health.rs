@@ -49,6 +49,8 @@ pub struct Health {
     ipam: Mutex<Option<(PathBuf, Ipv4Network)>>,
     leased: AtomicBool,
     dataplane_ok: AtomicBool,
+    /// Why this node refuses to go on (its subnet held by another node), while it does.
+    refused: Mutex<Option<String>>,
 }
 
 impl Default for Health {
@@ -103,6 +105,7 @@ impl Health {
             ipam: Mutex::new(None),
             leased: AtomicBool::new(false),
             dataplane_ok: AtomicBool::new(true),
+            refused: Mutex::new(None),
         }
     }
 
@@ -134,6 +137,13 @@ impl Health {
         }
     }
 
+    /// Not ready, with `why`, until called with `None`.
+    pub fn set_refused(&self, why: Option<String>) {
+        if let Ok(mut g) = self.refused.lock() {
+            *g = why;
+        }
+    }
+
     pub fn set_dataplane_ok(&self, v: bool) {
         self.dataplane_ok.store(v, Ordering::Relaxed);
     }
@@ -148,12 +158,15 @@ impl Health {
         }
     }
 
-    fn healthy(&self) -> Result<(), &'static str> {
+    fn healthy(&self) -> Result<(), String> {
+        if let Some(why) = self.refused.lock().ok().and_then(|g| g.clone()) {
+            return Err(why);
+        }
         if !self.leased.load(Ordering::Relaxed) {
-            return Err("no subnet leased yet");
+            return Err("no subnet leased yet".into());
         }
         if !self.dataplane_ok.load(Ordering::Relaxed) {
-            return Err("the last data plane pass failed; see the log");
+            return Err("the last data plane pass failed; see the log".into());
         }
         Ok(())
     }

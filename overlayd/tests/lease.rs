@@ -225,24 +225,6 @@ fn own_key_deleted_by_someone_is_put_back() {
 }
 
 #[test]
-fn own_key_taken_by_another_node_stops_loudly() {
-    let (etcd, dir) = seeded();
-    let mut d = leased(&etcd.endpoint, "127.0.0.33", dir.path(), &[]);
-    let subnet = leased_subnet(&d);
-    etcd.put(
-        &subnet_key(&subnet),
-        r#"{"PublicIP":"127.0.0.99","BackendType":"vxlan"}"#,
-    );
-    d.wait_log(
-        "refusing to renumber this node silently",
-        Duration::from_secs(10),
-    );
-    wait_for("the daemon to exit", Duration::from_secs(5), || {
-        (!d.is_running()).then_some(())
-    });
-}
-
-#[test]
 fn reservation_is_used_and_never_expires() {
     let etcd = Etcd::start();
     etcd.put(&format!("{PREFIX}/config"), CONFIG);
