@@ -266,7 +266,7 @@ async fn acquire_inner(
 }
 
 /// A lease granted for a claim that did not end up using it would only expire after its TTL
-/// (a day by default); revoke it now. Best effort: etcd expires it anyway.
+/// (an hour by default); revoke it now. Best effort: etcd expires it anyway.
 async fn revoke_unused(reg: &Registry, granted: Option<i64>, won: Option<&Acquired>) {
     let used = won.and_then(|a| a.lease_id);
     if let Some(id) = granted.filter(|g| Some(*g) != used) {

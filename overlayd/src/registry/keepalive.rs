@@ -8,9 +8,10 @@ use tracing::{debug, warn};
 use super::client::{Registry, RegistryError};
 use crate::backoff::Backoff;
 
-/// How often to refresh a lease of `ttl`: a third of it, within [0.5 s, 10 min].
+/// How often to refresh a lease of `ttl`: a quarter of it (three refreshes may fail before the lease
+/// expires), within [0.5 s, 10 min].
 pub fn interval(ttl: Duration) -> Duration {
-    (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(600))
+    (ttl / 4).clamp(Duration::from_millis(500), Duration::from_secs(600))
 }
 
 /// Refreshes `lease_id` until etcd says it no longer exists, then returns. While etcd is unreachable
