@@ -42,6 +42,8 @@ pub struct Link {
     pub up: bool,
     pub controller: Option<u32>,
     pub kind_is_veth: bool,
+    /// A veth's peer: its index in the peer's netns (IFLA_LINK).
+    pub peer: Option<u32>,
 }
 
 impl Link {
@@ -53,12 +55,14 @@ impl Link {
             up: m.header.flags.contains(LinkFlags::Up),
             controller: None,
             kind_is_veth: false,
+            peer: None,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::Address(b) => link.mac = format_mac(b),
                 LinkAttribute::Mtu(v) => link.mtu = Some(*v),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Link(i) => link.peer = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     link.kind_is_veth = infos
                         .iter()
