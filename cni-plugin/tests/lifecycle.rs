@@ -130,16 +130,16 @@ fn add_check_del_and_del_is_idempotent() {
 
     node.del("acd", Some(&pod)).expect_ok();
     assert!(node.store_ips().is_empty());
-    // Out of service the moment DEL answers: the host end, if the kernel has not finished
-    // deleting it yet, is down and carries nothing; then the pair goes.
-    let left = node.ns.ip_out(&["-o", "link", "show"]);
-    if let Some(line) = left.lines().find(|l| l.contains(&host_veth)) {
-        assert!(!line.contains(",UP") && !line.contains("<UP"), "{line}");
-    }
-    node.wait_links(&["cni0"]);
-    assert!(!links_of(&pod).contains("eth0"));
-    // Again, and again without a netns.
+    // Out of service the moment DEL answers: the host end is down and carries nothing. The pair
+    // itself goes with the pod's netns (DEL leaves no process behind to delete it).
+    let left = node.ns.ip_out(&["-o", "link", "show", &host_veth]);
+    assert!(!left.contains(",UP") && !left.contains("<UP"), "{left}");
+    // Again, with the pair still there.
     node.del("acd", Some(&pod)).expect_ok();
+    // The runtime removes the netns: the kernel takes the pair along.
+    drop(pod);
+    node.wait_links(&["cni0"]);
+    // And again without a netns.
     node.del("acd", None).expect_ok();
     // DEL for an attachment never added, before any store exists for another network.
     let mut other = node.conf("1.0.0");
@@ -193,11 +193,10 @@ fn repeated_add_for_the_same_attachment_gets_the_same_ip() {
     assert_eq!(node.store_ips().len(), 2);
 }
 
-/// Issue 11, defect 3: DEL answers before its veth pair is gone, so an ADD of the same attachment
-/// right after it can find the pod's interface still there. That interface is the peer of the
-/// host veth the attachment's name derives to: ADD takes it over instead of failing with 101.
-/// The state is made by hand (a pair under the derived name, host end down as DEL leaves it), so
-/// the test does not depend on losing a race.
+/// Issue 11, defect 3: an ADD of an attachment right after its DEL finds the pod's interface
+/// still there (DEL leaves the pair, host end down, for the netns removal). That interface is the
+/// peer of the host veth the attachment's name derives to: ADD takes it over instead of failing
+/// with 101.
 #[test]
 fn add_takes_over_the_veth_pair_a_del_left_behind() {
     if !require_root("add_takes_over_the_veth_pair_a_del_left_behind") {
@@ -211,15 +210,12 @@ fn add_takes_over_the_veth_pair_a_del_left_behind() {
         .expect("host veth name")
         .to_string();
     node.del("redo", Some(&pod)).expect_ok();
-    overlay_testlab::wait_for("the pod's eth0 to go", Duration::from_secs(10), || {
-        addrs_of(&pod, "eth0").is_empty().then_some(())
-    });
-    node.wait_links(&["cni0"]);
-    // What a DEL whose deletion has not run yet leaves: the pair, host end down.
-    let pod_ns = pod.path().display().to_string();
-    node.ns.ip(&[
-        "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
-    ]);
+    assert!(
+        links_of(&pod).contains("eth0"),
+        "DEL left no pair: nothing tested"
+    );
+    let left = node.ns.ip_out(&["-o", "link", "show", &host_veth]);
+    assert!(!left.contains(",UP") && !left.contains("<UP"), "{left}");
     let ip = result_ip(&node.add("redo", &pod));
     assert_eq!(addrs_of(&pod, "eth0"), vec![ip.clone()]);
     assert_eq!(node.store_ips(), vec![ip]);
@@ -244,10 +240,12 @@ fn add_refuses_an_interface_that_is_not_its_veths_peer() {
         .expect("host veth name")
         .to_string();
     node.del("theirs", Some(&pod)).expect_ok();
-    overlay_testlab::wait_for("the pod's eth0 to go", Duration::from_secs(10), || {
-        (!links_of(&pod).contains("eth0")).then_some(())
-    });
+    // GC removes the pair DEL left down (no attachment is valid any more).
+    let mut gc = node.conf("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([]);
+    node.run(&[("CNI_COMMAND", "GC")], &gc).expect_ok();
     node.wait_links(&["cni0"]);
+    assert!(!links_of(&pod).contains("eth0"));
 
     // A veth pair of the pod's own (no dummy module here).
     pod.ip(&[
@@ -426,12 +424,12 @@ fn config_options_mtu_hairpin_and_gateway() {
         .expect_ok();
     node.cmd("DEL", "opts", Some(&pod), "net1", &conf)
         .expect_ok();
+    drop(pod);
     node.wait_links(&["podbr0"]);
 }
 
-/// DEL deletes the veth pair after it has answered; an ADD of the same attachment right after
-/// (a runtime retrying a sandbox) must end with a working pod, never lose its new veth to the
-/// old deletion.
+/// DEL leaves the veth pair down; an ADD of the same attachment right after (a runtime retrying a
+/// sandbox) must end with a working pod.
 #[test]
 fn add_right_after_del_of_the_same_attachment_keeps_its_veth() {
     if !require_root("add_right_after_del_of_the_same_attachment_keeps_its_veth") {
@@ -443,8 +441,6 @@ fn add_right_after_del_of_the_same_attachment_keeps_its_veth() {
         node.add("again", &pod);
         node.del("again", Some(&pod)).expect_ok();
         let ip = result_ip(&node.add("again", &pod));
-        // Longer than any pending deletion takes (about 20 ms).
-        std::thread::sleep(Duration::from_millis(300));
         assert_eq!(node.links().len(), 2, "round {round}: {:?}", node.links());
         assert_eq!(addrs_of(&pod, "eth0"), vec![ip], "round {round}");
         assert!(

@@ -9,6 +9,7 @@ use overlay_state::{IpamStore, SubnetFile};
 
 use crate::config::{Env, NetConf};
 use crate::error::{code, CniError};
+use crate::helper::SpareMaker;
 use crate::link::{self, created, done, found};
 use crate::netlink::{Kind, Netlink, NlError};
 use crate::netns;
@@ -17,9 +18,9 @@ use crate::spec::{CniResult, Interface, IpConfig, Route};
 /// Fewer spares than this left after an allocation: top them up.
 const SPARES_LOW: usize = 2;
 
-/// The result, and the IPAM store if it is running short of spare files (to top them up once the
-/// answer is out: making a file is dear, and a fork costs about 0.1 ms, so only when needed).
-pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), CniError> {
+/// The result, and the helper making spare files if the store is running short of them (making
+/// a file is dear, and a fork costs about 0.1 ms, so only when needed).
+pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>), CniError> {
     let netns_path = env
         .netns
         .as_ref()
@@ -56,6 +57,12 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), 
     let key = env.key();
     let allocated = store.allocate_counting_spares(subnet_file.subnet, &key)?;
     let ip = allocated.ip;
+    // Made while the pod is wired; waited for before the plugin exits (also on an error here).
+    let spare_maker = allocated
+        .spares_left
+        .is_some_and(|n| n < SPARES_LOW)
+        .then(|| SpareMaker::start(&store))
+        .flatten();
     let attached = attach(
         conf,
         env,
@@ -116,11 +123,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), 
             .collect(),
         ..Default::default()
     };
-    let short = allocated.spares_left.is_some_and(|n| n < SPARES_LOW);
-    Ok((
-        merge(conf.prev_result.clone(), ours),
-        short.then_some(store),
-    ))
+    Ok((merge(conf.prev_result.clone(), ours), spare_maker))
 }
 
 /// The pod already has an interface called `CNI_IFNAME`. If it is the peer of this attachment's
