@@ -38,11 +38,14 @@ build() {
   [[ -x $(bin_dir)/overlayd && -x $(bin_dir)/overlay ]] || die "binaries missing in $(bin_dir)"
 }
 
-nodes() { ip netns list | awk '{print $1}' | grep -E "^$P-n[0-9]+$" | sort -V || true; }
+# On a machine that never had iproute2 nothing of the lab can exist yet: say nothing alarming.
+have_ip() { command -v ip >/dev/null 2>&1; }
+nodes() { have_ip || return 0; ip netns list | awk '{print $1}' | grep -E "^$P-n[0-9]+$" | sort -V || true; }
 pods_of() { ip netns list | awk '{print $1}' | grep -E "^$1-p[0-9]+$" | sort -V || true; }
 
 down() {
   local ns
+  have_ip || { rm -rf "$STATE"; return 0; }
   # Daemons first, so nothing re-creates what we remove.
   for ns in $(ip netns list | awk '{print $1}' | grep -E "^$P-" || true); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done

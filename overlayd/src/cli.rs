@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "overlayd",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("OVERLAYD_GIT_COMMIT"), ")"),
     about = "Flannel-style VXLAN overlay for Kubernetes: per-node subnet leases from an external etcd"
 )]
 pub struct Cli {
@@ -35,6 +35,49 @@ pub enum Command {
     Uninstall(UninstallArgs),
     /// Remove what another CNI left on this node.
     Cleanup(CleanupArgs),
+    /// Check, show or seed the network config (`<prefix>/config`) with the daemon's own parser.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub action: ConfigAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigAction {
+    /// Check a network config offline; exit 1 naming the field and value that are wrong.
+    Validate {
+        /// The config JSON, or `-` to read it from standard input.
+        config: String,
+    },
+    /// Show the config in etcd: the raw value, the config with defaults filled in, how many
+    /// subnets it holds and how many are leased. Exit 1 if it is missing or invalid.
+    Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Validate a config and write it, only if no config exists yet (or with --force). Prints what
+    /// it wrote and the equivalent `etcdctl put`.
+    Put {
+        /// The config JSON, or `-` to read it from standard input.
+        config: String,
+        /// Replace a different existing config; refused while subnets are leased outside the new
+        /// Network.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -171,6 +214,10 @@ pub struct AwsCleanupArgs {
     /// aws-node's state directory (ipamd checkpoint, sockets); its entries are renamed aside.
     #[arg(long, default_value = "/var/run/aws-node")]
     pub aws_node_state_dir: PathBuf,
+    /// The node's /proc, where a running aws-node ipamd is looked for: in a pod, the host's /proc
+    /// mounted read-only (e.g. at /host/proc) instead of sharing the host's PID namespace.
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -21,6 +21,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The daemon's failures belong in its log; a command's go to the person who ran it, once.
+    let is_daemon = matches!(cli.command, Command::Run(_));
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => commands::run::run(args).await,
@@ -28,12 +30,15 @@ fn main() -> ExitCode {
             Command::Release(args) => commands::release::run(args).await,
             Command::Uninstall(args) => commands::uninstall::run(args).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await,
+            Command::Config(args) => commands::config::run(args).await,
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if is_daemon {
+                tracing::error!("{e:#}");
+            }
             eprintln!("overlayd: error: {e:#}");
             ExitCode::FAILURE
         }

@@ -1,108 +1,18 @@
 //! Subnet leases against a real etcd server (Debian's `etcd`), no mocks. The daemons here run with
 //! `--lease-only` on loopback, so they never touch the host's network.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use ipnetwork::Ipv4Network;
 use overlay_state::SubnetFile;
-use overlay_testlab::{free_port, wait_for, Daemon, Etcd};
-use overlayd::cli::EtcdArgs;
+use overlay_testlab::{free_port, wait_for, Etcd};
 use overlayd::node::Mac;
-use overlayd::registry::{self, AcquireError, AcquireRequest, LeaseValue, Registry};
-
-const PREFIX: &str = "/coreos.com/network";
-const CONFIG: &str =
-    r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#;
-
-fn overlayd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_overlayd"))
-}
-
-fn daemon(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Daemon {
-    let cmd = daemon_cmd(etcd_endpoint, ip, dir, extra);
-    Daemon::spawn(
-        &format!("overlayd {ip}"),
-        cmd,
-        dir.join(format!("{ip}.log")),
-    )
-}
-
-fn daemon_cmd(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Command {
-    let mut cmd = overlayd();
-    cmd.args(["run", "--lease-only", "--iface", "lo", "--public-ip", ip])
-        .arg("--etcd-endpoints")
-        .arg(etcd_endpoint)
-        .arg("--node-name")
-        .arg(format!("node-{ip}"))
-        .arg("--subnet-file")
-        .arg(dir.join(format!("{ip}.env")))
-        .args(extra)
-        .env("RUST_LOG", "info");
-    cmd
-}
-
-/// A daemon that has leased its subnet.
-fn leased(etcd_endpoint: &str, ip: &str, dir: &Path, extra: &[&str]) -> Daemon {
-    let mut d = daemon(etcd_endpoint, ip, dir, extra);
-    d.wait_log("leased subnet", Duration::from_secs(20));
-    d
-}
-
-/// etcd seeded with the default config, and a temp dir for subnet files and logs.
-fn seeded() -> (Etcd, tempfile::TempDir) {
-    let etcd = Etcd::start();
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
-    (etcd, tempfile::tempdir().unwrap())
-}
-
-fn leased_subnet(d: &Daemon) -> Ipv4Network {
-    let log = d.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("leased subnet "))
-        .unwrap_or_else(|| panic!("no lease in log:\n{log}"));
-    let rest = &line[line.find("leased subnet ").unwrap_or(0) + 14..];
-    rest.split_whitespace()
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("cannot parse subnet from {line:?}"))
-}
-
-fn etcd_args(endpoint: &str) -> EtcdArgs {
-    EtcdArgs {
-        etcd_endpoints: vec![endpoint.to_string()],
-        etcd_prefix: PREFIX.into(),
-        etcd_cafile: None,
-        etcd_certfile: None,
-        etcd_keyfile: None,
-        etcd_username: None,
-        etcd_password: None,
-    }
-}
-
-fn request(ip: Ipv4Addr, ttl: Duration) -> AcquireRequest {
-    AcquireRequest {
-        value: LeaseValue::vxlan(ip, 1, Mac::for_vtep(ip, 1), &format!("node-{ip}")),
-        previous: None,
-        ttl,
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn subnet_key(s: &Ipv4Network) -> String {
-    format!("{PREFIX}/subnets/{}-{}", s.network(), s.prefix())
-}
+use overlayd::registry::{self, AcquireError, Registry};
 
 #[test]
 fn two_daemons_get_distinct_subnets_with_flannel_values() {
@@ -546,52 +456,6 @@ fn own_value_edited_by_someone_is_written_back() {
     });
 }
 
-/// Runs the lease follower with its log captured; returns the receiver and the log.
-type Log = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
-type Leases = tokio::sync::watch::Receiver<std::sync::Arc<registry::LeaseSet>>;
-
-fn follow_with_log(
-    rt: &tokio::runtime::Runtime,
-    etcd: &Etcd,
-    start: Option<registry::LeaseSet>,
-) -> (Leases, Log) {
-    use tracing::instrument::WithSubscriber;
-    let log: Log = Default::default();
-    let sink = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || LogSink(sink.clone()))
-        .finish();
-    let reg = rt
-        .block_on(Registry::connect(&etcd_args(&etcd.endpoint)))
-        .unwrap();
-    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(registry::LeaseSet::default()));
-    rt.spawn(registry::watch::follow_from(reg, tx, start).with_subscriber(subscriber));
-    (rx, log)
-}
-
-fn wait_for_set(rt: &tokio::runtime::Runtime, rx: &mut Leases, want: &[&str], timeout: Duration) {
-    let subnets =
-        |rx: &Leases| -> Vec<String> { rx.borrow().leases.keys().map(|s| s.to_string()).collect() };
-    let deadline = Instant::now() + timeout;
-    while subnets(rx) != want {
-        assert!(
-            Instant::now() < deadline,
-            "lease set {:?}, expected {want:?}",
-            subnets(rx)
-        );
-        let _ = rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(200), rx.changed()).await
-        });
-    }
-}
-
-const PEER: &str = r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#;
-
-fn key(s: &str) -> String {
-    format!("{PREFIX}/subnets/{s}")
-}
-
 #[test]
 fn lease_watch_resumes_after_an_etcd_outage() {
     let mut etcd = Etcd::start();
@@ -652,20 +516,6 @@ fn lease_watch_lists_again_when_its_revision_was_compacted() {
     );
     let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     assert!(text.contains("compacted past revision"), "{text}");
-}
-
-struct LogSink(Log);
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut v) = self.0.lock() {
-            v.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]
@@ -730,26 +580,6 @@ fn leases_over_tls_with_client_certificates() {
     );
 }
 
-/// GET `path` from `addr` over plain HTTP/1.1 on loopback; returns (status, body).
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
 #[test]
 fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
     let etcd = Etcd::start();
@@ -806,85 +636,4 @@ fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
         metrics.contains(r#"overlayd_pod_addresses{network="podnet"} 2"#),
         "{metrics}"
     );
-}
-
-#[test]
-fn leases_as_an_etcd_user_and_logs_in_again_after_an_etcd_restart() {
-    let (mut etcd, dir) = seeded();
-    etcd.enable_auth("overlayd", "s3cret", PREFIX);
-    // The password through the environment, as the DaemonSet passes it from a Secret.
-    let mut cmd = daemon_cmd(
-        &etcd.endpoint,
-        "127.0.0.81",
-        dir.path(),
-        &["--etcd-username", "overlayd"],
-    );
-    cmd.env("OVERLAYD_ETCD_PASSWORD", "s3cret");
-    let mut d = Daemon::spawn("overlayd 127.0.0.81", cmd, dir.path().join("81.log"));
-    d.wait_log("leased subnet", Duration::from_secs(20));
-    let key = subnet_key(&leased_subnet(&d));
-
-    // A restart makes etcd forget every token. Deleting the daemon's key afterwards makes it
-    // re-assert the key: a watch and a write, both refused unless it logs in again.
-    etcd.stop();
-    std::thread::sleep(Duration::from_secs(1));
-    etcd.restart();
-    etcd.ctl(&["del", &key]);
-    wait_for(
-        "the daemon to re-create its key after the restart",
-        Duration::from_secs(30),
-        || etcd.get(&key).map(|_| ()),
-    );
-    assert!(d.is_running(), "{}", d.log_text());
-
-    // A wrong password ends the daemon at once with what to check: waiting cannot fix it.
-    let mut bad = daemon(
-        &etcd.endpoint,
-        "127.0.0.82",
-        dir.path(),
-        &["--etcd-username", "overlayd", "--etcd-password", "wrong"],
-    );
-    let status = bad.wait_exit(Duration::from_secs(15));
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "{status:?}: {}",
-        bad.log_text()
-    );
-    assert!(
-        bad.log_text()
-            .contains("rejected user \"overlayd\": wrong username or password"),
-        "{}",
-        bad.log_text()
-    );
-    // No credentials: says authentication is on and what to pass, and keeps checking.
-    let mut anon = daemon(&etcd.endpoint, "127.0.0.83", dir.path(), &[]);
-    anon.wait_log(
-        "etcd has authentication enabled: pass --etcd-username and --etcd-password",
-        Duration::from_secs(15),
-    );
-    // A user whose role does not cover the prefix: says which grant is missing.
-    etcd.ctl(&["user", "add", "stranger:pw"]);
-    let mut stranger = daemon(
-        &etcd.endpoint,
-        "127.0.0.84",
-        dir.path(),
-        &["--etcd-username", "stranger", "--etcd-password", "pw"],
-    );
-    stranger.wait_log(
-        &format!("--prefix=true readwrite {PREFIX}/"),
-        Duration::from_secs(15),
-    );
-    assert!(anon.is_running() && stranger.is_running());
-
-    // With credentials, connecting is already a call: etcd down at start is waited for.
-    etcd.stop();
-    let mut late = daemon(
-        &etcd.endpoint,
-        "127.0.0.85",
-        dir.path(),
-        &["--etcd-username", "overlayd", "--etcd-password", "s3cret"],
-    );
-    late.wait_log("retrying in", Duration::from_secs(15));
-    etcd.restart();
-    late.wait_log("leased subnet", Duration::from_secs(30));
 }

@@ -20,6 +20,15 @@ pub struct Etcd {
     ctl_user: Option<String>,
 }
 
+/// How a single-member etcd is started.
+#[derive(Debug, Clone, Copy, Default)]
+struct Options {
+    /// Serve only TLS and require client certificates.
+    tls: bool,
+    /// Sign auth tokens as JWTs instead of etcd's default "simple" tokens.
+    jwt: bool,
+}
+
 /// Files of a throwaway PKI: the CA that signed etcd's server certificate, and a client identity.
 #[derive(Debug, Clone)]
 pub struct Tls {
@@ -140,16 +149,32 @@ impl Etcd {
 
     /// etcd listening on `ip`, inside `netns` when given (the lab's etcd on the underlay).
     pub fn start_on(netns: Option<&Netns>, ip: Ipv4Addr) -> Etcd {
-        Self::start_with(netns, ip, false)
+        Self::start_with(netns, ip, Options::default())
     }
 
     /// etcd on loopback serving only TLS and requiring client certificates (what an external etcd
     /// for EKS looks like).
     pub fn start_tls() -> Etcd {
-        Self::start_with(None, Ipv4Addr::LOCALHOST, true)
+        let tls = Options {
+            tls: true,
+            ..Options::default()
+        };
+        Self::start_with(None, Ipv4Addr::LOCALHOST, tls)
     }
 
-    fn start_with(netns: Option<&Netns>, ip: Ipv4Addr, tls: bool) -> Etcd {
+    /// etcd on loopback that hands out signed JWT tokens once authentication is on (Bitnami's etcd
+    /// chart does so by default). A JWT carries the auth store's revision it was issued at, so any
+    /// later `user add` or `role grant` makes etcd refuse it: "revision of auth store is old".
+    pub fn start_jwt() -> Etcd {
+        let jwt = Options {
+            jwt: true,
+            ..Options::default()
+        };
+        Self::start_with(None, Ipv4Addr::LOCALHOST, jwt)
+    }
+
+    fn start_with(netns: Option<&Netns>, ip: Ipv4Addr, opts: Options) -> Etcd {
+        let Options { tls, jwt } = opts;
         let dir = tempfile::tempdir().expect("tempdir");
         // Ports are picked in the host namespace; inside a fresh namespace nothing else listens.
         let client = free_port(Ipv4Addr::LOCALHOST);
@@ -188,6 +213,27 @@ impl Etcd {
             ]);
             client_tls
         });
+        if jwt {
+            let (private, public) = (dir.path().join("jwt.key"), dir.path().join("jwt.pub"));
+            crate::run(
+                Command::new("openssl")
+                    .args(["genrsa", "-out"])
+                    .arg(&private)
+                    .arg("2048"),
+            );
+            crate::run(
+                Command::new("openssl")
+                    .args(["rsa", "-pubout", "-in"])
+                    .arg(&private)
+                    .arg("-out")
+                    .arg(&public),
+            );
+            args.push(format!(
+                "--auth-token=jwt,pub-key={},priv-key={},sign-method=RS256,ttl=10m",
+                public.display(),
+                private.display()
+            ));
+        }
         let netns = netns.map(|n| n.name.clone());
         let daemon = spawn(&netns, &args, &dir);
         let etcd = Etcd {

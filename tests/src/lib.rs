@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod kube_proxy;
 pub mod lab;
 pub mod netns;
 

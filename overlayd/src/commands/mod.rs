@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod cleanup;
+pub mod config;
 pub mod release;
 pub mod run;
 pub mod status;

@@ -37,8 +37,8 @@ pub async fn run(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
             );
             continue;
         }
-        let mut c = reg.client();
-        reg.call(c.lease_revoke(l.lease_id))
+        let id = l.lease_id;
+        reg.call(|mut c| async move { c.lease_revoke(id).await })
             .await
             .with_context(|| format!("revoking the lease of subnet {}", l.subnet))?;
         println!(

@@ -63,8 +63,11 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             let ttl = if l.is_reservation() {
                 "reservation, never expires".to_string()
             } else {
-                let mut c = reg.client();
-                match reg.call(c.lease_time_to_live(l.lease_id, None)).await {
+                let id = l.lease_id;
+                match reg
+                    .call(|mut c| async move { c.lease_time_to_live(id, None).await })
+                    .await
+                {
                     Ok(r) if r.ttl() > 0 => format!("lease {:x}, {} s left", l.lease_id, r.ttl()),
                     _ => {
                         healthy = false;

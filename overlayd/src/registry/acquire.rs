@@ -197,8 +197,9 @@ async fn acquire_inner(
 async fn revoke_unused(reg: &Registry, granted: Option<i64>, won: Option<&Acquired>) {
     let used = won.and_then(|a| a.lease_id);
     if let Some(id) = granted.filter(|g| Some(*g) != used) {
-        let mut c = reg.client();
-        let _ = reg.call(c.lease_revoke(id)).await;
+        let _ = reg
+            .call(|mut c| async move { c.lease_revoke(id).await })
+            .await;
     }
 }
 
@@ -210,8 +211,9 @@ async fn grant(
     if let Some(id) = *granted {
         return Ok(id);
     }
-    let mut c = reg.client();
-    let resp = reg.call(c.lease_grant(ttl_secs, None)).await?;
+    let resp = reg
+        .call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+        .await?;
     *granted = Some(resp.id());
     Ok(resp.id())
 }
@@ -231,8 +233,11 @@ async fn create(
             value.to_json(),
             Some(PutOptions::new().with_lease(lease)),
         )]);
-    let mut c = reg.client();
-    Ok(reg.call(c.txn(txn)).await?.succeeded())
+    let txn = &txn;
+    Ok(reg
+        .call(|mut c| async move { c.txn(txn.clone()).await })
+        .await?
+        .succeeded())
 }
 
 /// Takes back a key that already carries our PublicIP. Its etcd lease is kept (no write at all when
@@ -245,9 +250,9 @@ async fn take_over(
     ttl_secs: i64,
     granted: &mut Option<i64>,
 ) -> Result<Option<Acquired>, RegistryError> {
-    let mut c = reg.client();
+    let id = l.lease_id;
     let alive = reg
-        .call(c.lease_time_to_live(l.lease_id, None))
+        .call(|mut c| async move { c.lease_time_to_live(id, None).await })
         .await
         .map(|r| r.ttl() > 0)
         .unwrap_or(false);
@@ -291,8 +296,11 @@ async fn update_value(
             l.mod_revision,
         )])
         .and_then([TxnOp::put(key.as_str(), value.to_json(), Some(opts))]);
-    let mut c = reg.client();
-    Ok(reg.call(c.txn(txn)).await?.succeeded())
+    let txn = &txn;
+    Ok(reg
+        .call(|mut c| async move { c.txn(txn.clone()).await })
+        .await?
+        .succeeded())
 }
 
 #[derive(Debug, thiserror::Error)]

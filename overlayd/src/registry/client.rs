@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 use ipnetwork::Ipv4Network;
+use tracing::info;
 
 use super::keys::Keys;
 use super::lease_value::{Lease, LeaseValue};
@@ -146,19 +147,64 @@ impl Registry {
         self.client.clone()
     }
 
-    /// Runs one etcd call with a deadline and maps its failure.
-    pub async fn call<T, F>(&self, fut: F) -> Result<T, RegistryError>
+    /// Runs one etcd call, made by `f` on a client, with a deadline, and maps its failure.
+    ///
+    /// A call refused for an outdated login is made once more after logging in again: etcd-client
+    /// does that by itself only for "invalid auth token", not for "revision of auth store is old",
+    /// which etcd answers (with JWT tokens, and to calls in flight during the change) after any
+    /// `user add` or `role grant` by anyone.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
     where
-        F: Future<Output = Result<T, etcd_client::Error>>,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match self.call_once(f(self.client.clone())).await {
+            Err(Stale(e)) if self.errors.user.is_some() => {
+                info!(
+                    "etcd's auth store changed since this node logged in ({e}); logging in again"
+                );
+                self.relogin().await?;
+                self.call_once(f(self.client.clone()))
+                    .await
+                    .map_err(|c| c.into_error(self))
+            }
+            other => other.map_err(|c| c.into_error(self)),
+        }
+    }
+
+    async fn call_once<T, Fut>(&self, fut: Fut) -> Result<T, CallError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         match tokio::time::timeout(CALL_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.map_err(e)),
-            Err(_) => Err(RegistryError::Unreachable {
+            Ok(Err(e)) if is_stale_login(&e) => Err(Stale(e)),
+            Ok(Err(e)) => Err(CallError::Failed(self.map_err(e))),
+            Err(_) => Err(CallError::Failed(RegistryError::Unreachable {
                 endpoints: self.errors.endpoints.clone(),
                 detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
+            })),
+        }
+    }
+
+    /// Logs in again with the configured user, replacing the token every clone of the client
+    /// sends (watches and keep-alives opened from now on included). Without a user: nothing to do.
+    pub async fn relogin(&self) -> Result<(), RegistryError> {
+        if self.errors.user.is_none() {
+            return Ok(());
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, self.client.refresh_token()).await {
+            Ok(r) => r.map_err(|e| self.map_err(e)),
+            Err(_) => Err(RegistryError::Unreachable {
+                endpoints: self.errors.endpoints.clone(),
+                detail: format!("no answer to logging in within {}s", CALL_TIMEOUT.as_secs()),
             }),
         }
+    }
+
+    /// Whether this client logs in as a user (and so can log in again).
+    pub fn has_user(&self) -> bool {
+        self.errors.user.is_some()
     }
 
     pub fn map_err(&self, e: etcd_client::Error) -> RegistryError {
@@ -168,8 +214,10 @@ impl Registry {
     /// Reads and validates `<prefix>/config`. Warnings (unknown fields) come back for logging.
     pub async fn network_config(&self) -> Result<(NetworkConfig, Vec<String>), RegistryError> {
         let key = self.keys.config();
-        let mut c = self.client.clone();
-        let resp = self.call(c.get(key.as_str(), None)).await?;
+        let k = key.as_str();
+        let resp = self
+            .call(|mut c| async move { c.get(k, None).await })
+            .await?;
         let Some(kv) = resp.kvs().first() else {
             return Err(RegistryError::ConfigMissing {
                 key,
@@ -182,9 +230,10 @@ impl Registry {
 
     /// Every subnet key, with the revision the listing was taken at.
     pub async fn list_leases(&self) -> Result<LeaseSet, RegistryError> {
-        let mut c = self.client.clone();
+        let prefix = self.keys.subnets();
+        let prefix = prefix.as_str();
         let resp = self
-            .call(c.get(self.keys.subnets(), Some(GetOptions::new().with_prefix())))
+            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut leases = BTreeMap::new();
@@ -200,8 +249,11 @@ impl Registry {
 
     /// The key of one subnet, if it exists.
     pub async fn lease(&self, subnet: &Ipv4Network) -> Result<Option<Lease>, RegistryError> {
-        let mut c = self.client.clone();
-        let resp = self.call(c.get(self.keys.subnet(subnet), None)).await?;
+        let key = self.keys.subnet(subnet);
+        let key = key.as_str();
+        let resp = self
+            .call(|mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -223,6 +275,29 @@ impl Registry {
             mod_revision,
         })
     }
+}
+
+/// A failed call, with a refusal for an outdated login kept apart: logging in again fixes it.
+enum CallError {
+    Stale(etcd_client::Error),
+    Failed(RegistryError),
+}
+use CallError::Stale;
+
+impl CallError {
+    fn into_error(self, reg: &Registry) -> RegistryError {
+        match self {
+            Stale(e) => reg.map_err(e),
+            CallError::Failed(e) => e,
+        }
+    }
+}
+
+/// etcd's answer to a token issued before the last change to users, roles or permissions.
+pub const OLD_AUTH_REVISION: &str = "revision of auth store is old";
+
+fn is_stale_login(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains(OLD_AUTH_REVISION))
 }
 
 /// The innermost cause ("Connection refused (os error 111)"): gRPC's top-level messages alone

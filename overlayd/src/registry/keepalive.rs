@@ -19,8 +19,10 @@ pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration) {
     let every = interval(ttl);
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        let mut client = reg.client();
-        let (mut keeper, mut stream) = match reg.call(client.lease_keep_alive(lease_id)).await {
+        let opened = reg
+            .call(|mut c| async move { c.lease_keep_alive(lease_id).await })
+            .await;
+        let (mut keeper, mut stream) = match opened {
             Ok(pair) => pair,
             Err(e) => {
                 let wait = backoff.next_delay();

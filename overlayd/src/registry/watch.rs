@@ -28,6 +28,9 @@ enum WatchEnd {
     Lost,
     /// History is gone: list everything again.
     Compacted,
+    /// etcd cancelled the watch; `auth` when for the login (a token older than the last change to
+    /// users or roles is refused with "permission denied" when a watch opens).
+    Canceled { auth: bool },
 }
 
 /// Keeps `tx` equal to etcd's subnet keys until the receiver side is dropped.
@@ -67,8 +70,14 @@ pub async fn follow_from(
         if tx.send(Arc::new(set.clone())).is_err() {
             return;
         }
+        // Logging in again is tried at once, but only once until the watch works again: a user
+        // that really lacks the permission must not make this loop spin.
+        let mut may_relogin = true;
         loop {
-            match watch_from(&reg, &mut set, &tx, &mut backoff).await {
+            let mut progressed = false;
+            let end = watch_from(&reg, &mut set, &tx, &mut backoff, &mut progressed).await;
+            may_relogin |= progressed;
+            match end {
                 WatchEnd::Compacted => {
                     info!(
                         "etcd compacted past revision {}; resyncing all leases",
@@ -76,7 +85,15 @@ pub async fn follow_from(
                     );
                     continue 'resync;
                 }
-                WatchEnd::Lost => {
+                WatchEnd::Canceled { auth: true } if may_relogin && reg.has_user() => {
+                    may_relogin = false;
+                    info!("etcd refused the lease watch for this node's login; logging in again");
+                    if let Err(e) = reg.relogin().await {
+                        warn!("cannot log in to etcd again: {e}");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+                WatchEnd::Lost | WatchEnd::Canceled { .. } => {
                     if tx.is_closed() {
                         return;
                     }
@@ -93,13 +110,18 @@ async fn watch_from(
     set: &mut LeaseSet,
     tx: &watch::Sender<Arc<LeaseSet>>,
     backoff: &mut Backoff,
+    progressed: &mut bool,
 ) -> WatchEnd {
-    let mut client = reg.client();
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(set.revision + 1)
         .with_progress_notify();
-    let mut stream = match reg.call(client.watch(reg.keys.subnets(), Some(opts))).await {
+    let (prefix, opts) = (reg.keys.subnets(), &opts);
+    let prefix = prefix.as_str();
+    let opened = reg
+        .call(|mut c| async move { c.watch(prefix, Some(opts.clone())).await })
+        .await;
+    let mut stream = match opened {
         Ok(s) => s,
         Err(e) => {
             warn!("cannot watch subnet leases: {e}; retrying (data plane unchanged)");
@@ -129,10 +151,17 @@ async fn watch_from(
             return WatchEnd::Compacted;
         }
         if msg.canceled() {
-            warn!("etcd canceled the lease watch: {}", msg.cancel_reason());
-            return WatchEnd::Compacted;
+            let reason = msg.cancel_reason();
+            warn!(
+                "etcd canceled the lease watch: {reason}; watching again from revision {}",
+                set.revision + 1
+            );
+            return WatchEnd::Canceled {
+                auth: is_auth_refusal(reason),
+            };
         }
         backoff.reset();
+        *progressed = true;
         let mut changed = false;
         for ev in msg.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -159,4 +188,12 @@ async fn watch_from(
             return WatchEnd::Lost;
         }
     }
+}
+
+/// Whether etcd cancelled a watch because of the login (etcd 3.4 and 3.5 say "permission denied" for
+/// an outdated or unknown token as well as for a missing permission).
+fn is_auth_refusal(reason: &str) -> bool {
+    ["permission denied", "auth", "token"]
+        .iter()
+        .any(|w| reason.contains(w))
 }
