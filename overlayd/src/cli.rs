@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "overlayd",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("OVERLAYD_GIT_COMMIT"), ")"),
     about = "Flannel-style VXLAN overlay for Kubernetes: per-node subnet leases from an external etcd"
 )]
 pub struct Cli {
@@ -216,6 +216,10 @@ pub struct AwsCleanupArgs {
     /// aws-node's state directory (ipamd checkpoint, sockets); its entries are renamed aside.
     #[arg(long, default_value = "/var/run/aws-node")]
     pub aws_node_state_dir: PathBuf,
+    /// The node's /proc, where a running aws-node ipamd is looked for: in a pod, the host's /proc
+    /// mounted read-only (e.g. at /host/proc) instead of sharing the host's PID namespace.
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

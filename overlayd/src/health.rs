@@ -43,6 +43,9 @@ pub struct Health {
     pub peers: Gauge,
     pub changes: Family<ChangeLabels, Counter>,
     pub errors: Counter,
+    /// Failed writes for single peers (the pass goes on for the others).
+    pub peer_errors: Counter,
+    pub peers_failing: Gauge,
     pod_addresses: Family<NetworkLabels, Gauge>,
     pod_capacity: Gauge,
     /// The plugin's data dir and this node's subnet, once leased.
@@ -66,6 +69,8 @@ impl Health {
         let peers = Gauge::default();
         let changes = Family::<ChangeLabels, Counter>::default();
         let errors = Counter::default();
+        let peer_errors = Counter::default();
+        let peers_failing = Gauge::default();
         let pod_addresses = Family::<NetworkLabels, Gauge>::default();
         let pod_capacity = Gauge::default();
         registry.register(
@@ -85,6 +90,16 @@ impl Health {
             errors.clone(),
         );
         registry.register(
+            "peer_errors",
+            "Route, ARP or FDB writes for one peer (or removals of stale entries) the kernel refused; each is retried with backoff while the other peers are programmed",
+            peer_errors.clone(),
+        );
+        registry.register(
+            "peers_failing",
+            "Peers (or stale entries) not yet right after the last pass, waiting for a retry",
+            peers_failing.clone(),
+        );
+        registry.register(
             "pod_addresses",
             "Pod addresses of this node's subnet the CNI plugin has handed out",
             pod_addresses.clone(),
@@ -100,6 +115,8 @@ impl Health {
             peers,
             changes,
             errors,
+            peer_errors,
+            peers_failing,
             pod_addresses,
             pod_capacity,
             ipam: Mutex::new(None),

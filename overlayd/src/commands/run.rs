@@ -418,6 +418,8 @@ async fn supervise(
                         last_error.clear();
                     }
                     health.count_changes(changes.added, changes.removed);
+                    health.peer_errors.inc_by(changes.errors as u64);
+                    health.peers_failing.set(changes.failing as i64);
                     health.peers.set(dp.peer_count() as i64);
                     health.set_dataplane_ok(true);
                 }
