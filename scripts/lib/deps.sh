@@ -14,6 +14,7 @@ OVERLAY_DEPS=(
   "iptables-legacy:iptables"
   "nft:nftables"
   "ping:iputils-ping"
+  "curl:curl"                    # tests and the lab read /readyz and /status inside node namespaces
   "iperf3:iperf3"
   "pgrep:procps"
   "openssl:openssl"              # a throwaway PKI for the TLS-to-etcd test

@@ -216,6 +216,11 @@ impl Dataplane {
         peers::reconcile(&self.handle, dev, &self.peers).await
     }
 
+    /// The peers the last pass programmed (or tried to).
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
     /// How many other nodes the last pass routed to.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
