@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "overlayd",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("OVERLAYD_GIT_COMMIT"), ")"),
     about = "Flannel-style VXLAN overlay for Kubernetes: per-node subnet leases from an external etcd"
 )]
 pub struct Cli {
@@ -164,7 +164,8 @@ pub struct RunArgs {
     /// How often the data plane is checked against the leases even when nothing changed.
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub resync_interval: Duration,
-    /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 0.0.0.0:9472; off when unset.
+    /// Serve /healthz, /readyz, /status and /metrics (Prometheus) on this address, e.g.
+    /// 0.0.0.0:9472; off when unset.
     #[arg(long, env = "OVERLAYD_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Only lease the subnet and write the subnet file; leave the node's network alone.
@@ -225,6 +226,10 @@ pub struct AwsCleanupArgs {
     /// aws-node's state directory (ipamd checkpoint, sockets); its entries are renamed aside.
     #[arg(long, default_value = "/var/run/aws-node")]
     pub aws_node_state_dir: PathBuf,
+    /// The node's /proc, where a running aws-node ipamd is looked for: in a pod, the host's /proc
+    /// mounted read-only (e.g. at /host/proc) instead of sharing the host's PID namespace.
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

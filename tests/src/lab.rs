@@ -206,6 +206,17 @@ impl Lab {
         child.wait_with_output().expect("plugin output")
     }
 
+    /// Node `i`'s `overlay` entry for a conflist (the list adds `cniVersion` and `name`), for
+    /// chains run with [`crate::cni_chain`].
+    pub fn overlay_plugin(&self, i: usize) -> serde_json::Value {
+        let node = &self.nodes[i];
+        serde_json::json!({
+            "type": "overlay",
+            "subnetFile": node.subnet_file,
+            "dataDir": node.ipam_dir,
+        })
+    }
+
     /// A pod on node `i`, networked by the plugin. Returns its index on the node.
     pub fn add_pod(&mut self, i: usize) -> usize {
         let ns = Netns::new("pd");

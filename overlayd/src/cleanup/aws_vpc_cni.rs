@@ -45,7 +45,7 @@ impl From<&AwsCleanupArgs> for Options {
             cni_conf_dir: a.cni_conf_dir.clone(),
             state_dir: a.aws_node_state_dir.clone(),
             keep_running_pods: a.keep_running_pods,
-            proc_dir: PathBuf::from("/proc"),
+            proc_dir: a.proc_dir.clone(),
         }
     }
 }
@@ -197,6 +197,13 @@ pub async fn cleanup(opts: &Options, out: &mut dyn ReportSink) -> Summary {
         }
     ));
 
+    if let Err(e) = std::fs::read_dir(&opts.proc_dir) {
+        out.line(&format!(
+            "warning: cannot read {} ({e}), so a running aws-node cannot be seen: mount the node's \
+             /proc there (read-only) or pass --proc-dir /proc with the host's PID namespace",
+            opts.proc_dir.display()
+        ));
+    }
     if let Some(pid) = aws_node_process::find_ipamd(&opts.proc_dir) {
         summary.aws_node_running = true;
         out.line(&format!(

@@ -352,6 +352,7 @@ async fn supervise(
             health.record_pass(
                 &latest,
                 dp.peers(),
+                dp.failures().current(),
                 pass.as_ref()
                     .map(|c| *c)
                     .map_err(|e| e as &dyn std::fmt::Display),

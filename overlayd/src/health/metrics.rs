@@ -37,6 +37,8 @@ pub struct Metrics {
     pub peers: Gauge,
     pub changes: Family<ChangeLabels, Counter>,
     pub errors: Counter,
+    pub peer_errors: Counter,
+    pub peers_failing: Gauge,
     pub pod_addresses: Family<NetworkLabels, Gauge>,
     pub pod_capacity: Gauge,
     pub repairs: Family<RepairLabels, Counter>,
@@ -54,6 +56,8 @@ impl Metrics {
             peers: Gauge::default(),
             changes: Family::default(),
             errors: Counter::default(),
+            peer_errors: Counter::default(),
+            peers_failing: Gauge::default(),
             pod_addresses: Family::default(),
             pod_capacity: Gauge::default(),
             repairs: Family::default(),
@@ -78,6 +82,16 @@ impl Metrics {
             "dataplane_errors",
             "Data plane passes that failed",
             m.errors.clone(),
+        );
+        registry.register(
+            "peer_errors",
+            "Route, ARP or FDB writes for one peer (or removals of stale entries) the kernel refused; each is retried with backoff while the other peers are programmed",
+            m.peer_errors.clone(),
+        );
+        registry.register(
+            "peers_failing",
+            "Peers (or stale entries) not yet right after the last pass, waiting for a retry",
+            m.peers_failing.clone(),
         );
         registry.register(
             "pod_addresses",

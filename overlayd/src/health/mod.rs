@@ -73,6 +73,8 @@ struct Known {
     /// The last data plane pass: its lease revision, and its error if it failed.
     last_pass: Option<(i64, Option<String>)>,
     last_ok_revision: i64,
+    /// What the last pass could not write (`peer <subnet>`, `removing …`) and why.
+    failing: Vec<(String, String)>,
     iptables: Option<Result<(), String>>,
     repairs: RepairsReport,
     recent_repairs: VecDeque<(Instant, String)>,
@@ -268,16 +270,23 @@ impl Health {
 
     /// One data plane pass over the leases at `set.revision`, which asked for `peers`. Changes made
     /// at a revision that was already fully programmed are repairs (someone removed our entries).
-    pub fn record_pass(
+    pub fn record_pass<'a>(
         &self,
         set: &LeaseSet,
         peers: &[Peer],
+        failing: impl Iterator<Item = (&'a str, &'a str)>,
         result: Result<Changes, &dyn std::fmt::Display>,
     ) {
+        let failing: Vec<(String, String)> = failing
+            .map(|(what, e)| (what.to_string(), e.to_string()))
+            .collect();
         let mut k = self.known();
+        k.failing = failing.clone();
         match result {
             Ok(c) => {
                 self.count_changes(c.added, c.removed);
+                self.metrics.peer_errors.inc_by(c.errors as u64);
+                self.metrics.peers_failing.set(c.failing as i64);
                 self.metrics.peers.set(peers.len() as i64);
                 let n = c.added + c.removed;
                 if n > 0 && k.last_ok_revision == set.revision {
@@ -299,7 +308,13 @@ impl Health {
                 k.last_pass = Some((set.revision, None));
                 k.peers = peers
                     .iter()
-                    .map(|p| peer_report(p, set, "programmed"))
+                    .map(|p| {
+                        let key = format!("peer {}", p.subnet);
+                        match failing.iter().find(|(what, _)| *what == key) {
+                            Some((_, e)) => peer_report(p, set, &format!("failing: {e}")),
+                            None => peer_report(p, set, "programmed"),
+                        }
+                    })
                     .collect();
             }
             Err(e) => {

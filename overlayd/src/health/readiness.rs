@@ -54,6 +54,15 @@ pub async fn checks(h: &Health) -> Vec<Check> {
                 "{programmed} of {} peers programmed; the last pass failed: {e}",
                 k.peers.len()
             )),
+            Some((_, None)) if !k.failing.is_empty() => Err(format!(
+                "{programmed} of {} peers programmed; {} (retried with backoff)",
+                k.peers.len(),
+                k.failing
+                    .iter()
+                    .map(|(what, e)| format!("{what}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
             Some((_, None)) => Ok(format!("all {} peers programmed", k.peers.len())),
         };
         let etcd = match &k.etcd {
