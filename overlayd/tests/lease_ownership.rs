@@ -14,15 +14,15 @@ use overlayd::registry::Registry;
 
 const OTHER: &str = r#"{"PublicIP":"127.0.0.99","BackendType":"vxlan","NodeName":"node-other"}"#;
 
-fn healthz(addr: &str) -> Option<(u16, String)> {
-    http_get(addr, "/healthz")
+fn readyz(addr: &str) -> Option<(u16, String)> {
+    http_get(addr, "/readyz")
 }
 
-fn wait_healthz(addr: &str, status: u16, body_has: &str, timeout: Duration) -> String {
+fn wait_readyz(addr: &str, status: u16, body_has: &str, timeout: Duration) -> String {
     let (_, body) = wait_for(
-        &format!("/healthz to answer {status} with {body_has:?}"),
+        &format!("/readyz to answer {status} with {body_has:?}"),
         timeout,
-        || healthz(addr).filter(|(s, b)| *s == status && b.contains(body_has)),
+        || readyz(addr).filter(|(s, b)| *s == status && b.contains(body_has)),
     );
     body
 }
@@ -69,13 +69,13 @@ fn own_key_taken_by_another_node_is_refused_not_ready_until_it_is_free() {
         &["--metrics-addr", &addr],
     );
     let subnet = leased_subnet(&d);
-    wait_healthz(&addr, 200, "ok", Duration::from_secs(5));
+    wait_readyz(&addr, 200, "ok", Duration::from_secs(5));
     etcd.put(&subnet_key(&subnet), OTHER);
     d.wait_log(
         "refusing to renumber this node silently",
         Duration::from_secs(10),
     );
-    let body = wait_healthz(&addr, 503, "leased by another node", Duration::from_secs(5));
+    let body = wait_readyz(&addr, 503, "leased by another node", Duration::from_secs(5));
     assert!(body.contains("node-other, 127.0.0.99"), "{body}");
     // Refusing means no write: the other node's value stays, and this daemon stays up.
     std::thread::sleep(Duration::from_secs(2));
@@ -84,7 +84,7 @@ fn own_key_taken_by_another_node_is_refused_not_ready_until_it_is_free() {
 
     // The other node lets go: this node takes its subnet back and is ready again.
     etcd.ctl(&["del", &subnet_key(&subnet)]);
-    wait_healthz(&addr, 200, "ok", Duration::from_secs(10));
+    wait_readyz(&addr, 200, "ok", Duration::from_secs(10));
     let v = etcd.get(&subnet_key(&subnet)).unwrap();
     assert!(v.contains("127.0.0.33"), "{v}");
 }
@@ -113,7 +113,7 @@ fn refusing_to_renumber_survives_a_restart_while_pods_hold_addresses() {
 
     let mut d = daemon(&etcd.endpoint, "127.0.0.34", dir.path(), &args);
     d.wait_log("refusing to take another subnet", Duration::from_secs(15));
-    let body = wait_healthz(&addr, 503, "pod address", Duration::from_secs(5));
+    let body = wait_readyz(&addr, 503, "pod address", Duration::from_secs(5));
     assert!(body.contains(&subnet.to_string()), "{body}");
     // Nothing renumbered: no key with this node's address, the subnet file still the old one.
     std::thread::sleep(Duration::from_secs(2));
@@ -127,7 +127,7 @@ fn refusing_to_renumber_survives_a_restart_while_pods_hold_addresses() {
     etcd.ctl(&["del", &subnet_key(&subnet)]);
     d.wait_log("leased subnet", Duration::from_secs(15));
     assert_eq!(leased_subnet(&d), subnet);
-    wait_healthz(&addr, 200, "ok", Duration::from_secs(5));
+    wait_readyz(&addr, 200, "ok", Duration::from_secs(5));
 }
 
 #[test]

@@ -23,7 +23,7 @@ OVERLAY_DEPS=(
   "podman:podman"                # builds the node image (scripts/image.sh), runs the DaemonSet's pod
   "catatonit:catatonit"          # podman kube play's infra container
   "debootstrap:debootstrap"      # the image's base when no registry is reachable
-  "curl:curl"                    # image.sh: is a registry reachable? tests read /metrics
+  "curl:curl"                    # image.sh: is a registry reachable? tests read /metrics, /readyz, /status
   "containerd:containerd"        # the DaemonSet test's pods, made through the installed conflist
   "ctr:containerd"
   "runc:runc"
