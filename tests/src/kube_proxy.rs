@@ -381,6 +381,151 @@ impl KubeProxy {
     }
 }
 
+/// node-local-dns's rules for a cache listening on `local_ip:53`, as `k8s.io/dns`
+/// cmd/node-cache/app/cache_app.go (`initIptables`) writes them, each with
+/// `EnsureRule(Prepend, …)`: NOTRACK in raw PREROUTING/OUTPUT both ways and ACCEPT in filter
+/// INPUT/OUTPUT, so the cache's traffic skips conntrack (and with it every NAT rule).
+pub fn install_node_local_dns(ns: &Netns, local_ip: Ipv4Addr) {
+    let ip = local_ip.to_string();
+    let skip = "NodeLocal DNS Cache: skip conntrack";
+    let allow = "NodeLocal DNS Cache: allow DNS traffic";
+    let mut rules: Vec<(&str, &str, Vec<&str>)> = Vec::new();
+    for p in ["tcp", "udp"] {
+        rules.push((
+            "raw",
+            "PREROUTING",
+            vec![
+                "-p",
+                p,
+                "-d",
+                &ip,
+                "--dport",
+                "53",
+                "-j",
+                "NOTRACK",
+                "-m",
+                "comment",
+                "--comment",
+                skip,
+            ],
+        ));
+    }
+    for p in ["tcp", "udp"] {
+        rules.push((
+            "filter",
+            "INPUT",
+            vec![
+                "-p",
+                p,
+                "-d",
+                &ip,
+                "--dport",
+                "53",
+                "-j",
+                "ACCEPT",
+                "-m",
+                "comment",
+                "--comment",
+                allow,
+            ],
+        ));
+    }
+    for p in ["tcp", "udp"] {
+        rules.push((
+            "raw",
+            "OUTPUT",
+            vec![
+                "-p",
+                p,
+                "-s",
+                &ip,
+                "--sport",
+                "53",
+                "-j",
+                "NOTRACK",
+                "-m",
+                "comment",
+                "--comment",
+                skip,
+            ],
+        ));
+    }
+    for p in ["tcp", "udp"] {
+        rules.push((
+            "filter",
+            "OUTPUT",
+            vec![
+                "-p",
+                p,
+                "-s",
+                &ip,
+                "--sport",
+                "53",
+                "-j",
+                "ACCEPT",
+                "-m",
+                "comment",
+                "--comment",
+                allow,
+            ],
+        ));
+    }
+    for p in ["tcp", "udp"] {
+        rules.push((
+            "raw",
+            "OUTPUT",
+            vec![
+                "-p",
+                p,
+                "-d",
+                &ip,
+                "--dport",
+                "53",
+                "-j",
+                "NOTRACK",
+                "-m",
+                "comment",
+                "--comment",
+                skip,
+            ],
+        ));
+    }
+    for (table, chain, args) in rules {
+        let exists = ns
+            .cmd("iptables")
+            .args(["-w", "5", "-t", table, "-C", chain])
+            .args(&args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !exists {
+            crate::run(
+                ns.cmd("iptables")
+                    .args(["-w", "5", "-t", table, "-I", chain])
+                    .args(&args),
+            );
+        }
+    }
+}
+
+/// Packets counted by the rules of `chain` whose target is `target` (`iptables -L -v -x`).
+pub fn packets(ns: &Netns, table: &str, chain: &str, target: &str) -> u64 {
+    let out = ns
+        .cmd("iptables")
+        .args(["-w", "5", "-t", table, "-L", chain, "-v", "-x", "-n"])
+        .output()
+        .expect("iptables -L");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.get(2) == Some(&target))
+                .then(|| w[0].parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// `iptables -S <chain>` in `table` of `ns` (kube-proxy's backend: the `iptables` alternative).
 pub fn chain_rules(ns: &Netns, table: &str, chain: &str) -> Vec<String> {
     let out = ns

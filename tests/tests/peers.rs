@@ -99,3 +99,71 @@ fn a_peer_the_kernel_refuses_does_not_stop_the_others() {
     });
     lab.wait_route(0, "10.244.6.0/24", true, Duration::from_secs(1));
 }
+
+#[test]
+fn vtep_mac_and_peer_entries_survive_a_node_reboot() {
+    if !require_root("vtep_mac_and_peer_entries_survive_a_node_reboot") {
+        return;
+    }
+    let mut lab = Lab::new(overlay_testlab::lab::DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    lab.add_pod(1);
+    let s0 = lab.subnet(0);
+    lab.wait_route(1, &s0.to_string(), true, Duration::from_secs(10));
+    let mac = |lab: &Lab| {
+        let link = lab.nodes[0].ns.ip_out(&["link", "show", "overlay.1"]);
+        link.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(str::to_string)
+            .expect("overlay.1's MAC")
+    };
+    let before = mac(&lab);
+    // What node 1 knows about node 0.
+    let view = |lab: &Lab| {
+        let ns = &lab.nodes[1].ns;
+        let fdb: Vec<String> = ns
+            .fdb("overlay.1")
+            .lines()
+            .filter(|l| l.contains(&format!("dst {} ", lab.nodes[0].ip)))
+            .map(str::to_string)
+            .collect();
+        let arp = ns.ip_out(&[
+            "neigh",
+            "show",
+            &s0.network().to_string(),
+            "dev",
+            "overlay.1",
+        ]);
+        (fdb, arp.trim().to_string())
+    };
+    let peer_view = view(&lab);
+    assert_eq!(peer_view.0.len(), 1, "{peer_view:?}");
+    assert!(
+        peer_view.0[0].starts_with(&before),
+        "{peer_view:?} vs {before}"
+    );
+    assert!(
+        peer_view.1.contains(&format!("lladdr {before} PERMANENT")),
+        "{peer_view:?}"
+    );
+
+    lab.reboot_node(0);
+    assert_eq!(lab.subnet(0), s0, "the rebooted node was renumbered");
+    assert_eq!(mac(&lab), before, "the VTEP MAC changed across the reboot");
+    // Node 1's entries were right all along: the same, and a new pod on node 0 is reachable at
+    // once, with no reprogramming on node 1.
+    assert_eq!(view(&lab), peer_view);
+    let p = lab.add_pod(0);
+    let dst = lab.pod(0, p).ip.to_string();
+    assert!(
+        lab.pod(1, 0).ns.ping(&dst),
+        "node 1's pod cannot reach the rebooted node's new pod"
+    );
+    let log = lab.nodes[1].daemon.as_ref().expect("daemon").log_text();
+    assert!(
+        !log.contains("removed FDB entry") && !log.contains("removed ARP entry"),
+        "node 1 had to rewrite its entries for node 0:\n{log}"
+    );
+}
