@@ -10,6 +10,7 @@ pub mod client;
 pub mod keepalive;
 pub mod keys;
 pub mod lease_value;
+pub mod screen;
 pub mod watch;
 
 pub use acquire::{acquire, reassert, AcquireError, AcquireRequest, Acquired, How, ReassertError};
