@@ -184,6 +184,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     supervise(
         &reg,
         &node,
+        &cfg,
         &req,
         acquired,
         &args,
@@ -224,9 +225,11 @@ fn spawn_keepalive(reg: &Registry, a: &Acquired, ttl: Duration) -> Option<JoinHa
 
 /// Runs until a fatal condition: follows all leases, keeps ours alive, re-asserts our key if it
 /// disappears, and keeps the data plane equal to the leases.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     reg: &Registry,
     node: &Node,
+    cfg: &NetworkConfig,
     req: &AcquireRequest,
     mut acquired: Acquired,
     args: &RunArgs,
@@ -236,6 +239,10 @@ async fn supervise(
     let subnet: Ipv4Network = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
     let follower = tokio::spawn(registry::watch::follow(reg.clone(), tx));
+    // The config as running; only Backend.DirectRouting changes are applied live.
+    let mut running = cfg.clone();
+    let (cfg_tx, mut cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+    let cfg_follower = tokio::spawn(registry::config_watch::follow(reg.clone(), cfg_tx));
     let mut keeper = spawn_keepalive(reg, &acquired, args.lease_ttl);
     let mut tick = tokio::time::interval(args.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -303,6 +310,13 @@ async fn supervise(
                     Err(e) => break Err(e.into()),
                 }
             }
+            changed = cfg_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("the network config follower stopped unexpectedly"));
+                }
+                let new = cfg_rx.borrow_and_update().clone();
+                apply_config(&mut running, &new, dataplane.as_deref_mut());
+            }
             _ = tick.tick() => {}
             _ = kernel_changed.notified() => {
                 // A burst of notifications (our own writes included) becomes one pass.
@@ -354,10 +368,34 @@ async fn supervise(
         }
     };
     follower.abort();
+    cfg_follower.abort();
     if let Some(k) = keeper {
         k.abort();
     }
     result
+}
+
+/// A config changed in etcd: `Backend.DirectRouting` is applied now (the next pass moves the
+/// peers), whatever needs a restart is said once.
+fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mut Dataplane>) {
+    let later = running.restart_needed_for(new);
+    if !later.is_empty() {
+        warn!(
+            "the network config in etcd changed {}: overlayd applies that only when it restarts \
+             (a new Network or VNI cuts running pods off: restart every node in a planned window)",
+            later.join(", ")
+        );
+    }
+    if new.backend.direct_routing != running.backend.direct_routing {
+        running.backend.direct_routing = new.backend.direct_routing;
+        if let Some(dp) = dp {
+            dp.set_direct_routing(new.backend.direct_routing);
+        }
+        info!(
+            direct_routing = new.backend.direct_routing,
+            "applied Backend.DirectRouting from the changed network config"
+        );
+    }
 }
 
 /// Re-asserts `subnet`, waiting out etcd outages; only another node holding it is final.
