@@ -312,6 +312,23 @@ impl Lab {
             .collect()
     }
 
+    /// GET `path` from a server on node `i`'s own loopback (its daemon's `--metrics-addr`), with
+    /// curl run inside the node's namespace: the status code and the body, `None` if nothing
+    /// answers.
+    pub fn http_get(&self, i: usize, port: u16, path: &str) -> Option<(u16, String)> {
+        let out = self.nodes[i]
+            .ns
+            .cmd("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        let code: u16 = code.trim().parse().ok()?;
+        (code != 0).then(|| (code, body.to_string()))
+    }
+
     /// Waits until node `from`'s kernel has a route to node `to`'s subnet (or its absence).
     pub fn wait_route(&self, from: usize, subnet: &str, present: bool, timeout: Duration) {
         wait_for(

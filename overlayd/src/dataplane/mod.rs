@@ -234,6 +234,16 @@ impl Dataplane {
         true
     }
 
+    /// What the last pass could not program, and why (each retried with backoff).
+    pub fn failures(&self) -> &peers::Failures {
+        &self.failures
+    }
+
+    /// The peers the last pass programmed (or tried to).
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
     /// How many other nodes the last pass routed to.
     pub fn peer_count(&self) -> usize {
         self.peers.len()

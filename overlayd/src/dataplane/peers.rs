@@ -114,6 +114,13 @@ impl Failures {
         }
     }
 
+    /// What is failing now (`peer <subnet>`, `removing …`) with its last error, for /status.
+    pub fn current(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_key
+            .iter()
+            .map(|(k, f)| (k.as_str(), f.last_error.as_str()))
+    }
+
     /// Forgets what no longer exists (a peer whose lease went, an entry already gone).
     fn retain(&mut self, keys: &BTreeSet<String>) {
         self.by_key.retain(|k, _| keys.contains(k));
