@@ -2,11 +2,12 @@
 //! [`super::boot`]) dropping what an earlier boot left.
 
 use std::collections::HashSet;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use ipnetwork::Ipv4Network;
 
@@ -55,30 +56,64 @@ impl IpamStore {
         subnet: Ipv4Network,
         key: &AttachmentKey,
     ) -> Result<Allocated, IpamError> {
+        self.allocate_or_reclaim(subnet, key, &mut || None)
+    }
+
+    /// [`IpamStore::allocate_counting_spares`], and on a full subnet first the reclaim of
+    /// allocations nobody uses (see `reclaim.rs`): `links` gives the names of the node's links,
+    /// asked for (under the lock) only then. Allocations of an earlier boot are dropped first.
+    pub fn allocate_or_reclaim(
+        &self,
+        subnet: Ipv4Network,
+        key: &AttachmentKey,
+        links: &mut dyn FnMut() -> Option<HashSet<String>>,
+    ) -> Result<Allocated, IpamError> {
         let (first, last) = pod_range(subnet).ok_or(IpamError::SubnetTooSmall(subnet))?;
         let _lock = self.lock()?;
+        let mut reclaimed = self.drop_other_boots()?;
         if let Some(ip) = self.find(key)? {
             if (first..=last).contains(&ip) {
+                // A repeated ADD is an ADD in progress again: its grace starts anew.
+                let path = self.dir.join(ip.to_string());
+                let _ = File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
                 return Ok(Allocated {
                     ip,
                     spares_left: None,
+                    reclaimed,
                 });
             }
             // Held from a subnet this node no longer has (renumbered): of no use to the pod.
             self.remove_ip_file(ip)?;
         }
-        let (used, spare, spares) = self.taken_removing_stale()?;
+        let (mut used, spare, spares) = self.taken_removing_stale()?;
         let (first, last) = (u32::from(first), u32::from(last));
         let capacity = (last - first + 1) as usize;
-        let allocated = used
+        let mut allocated = used
             .iter()
             .filter(|ip| (first..=last).contains(*ip))
             .count();
+        let mut waiting = String::new();
+        if allocated >= capacity {
+            let (got, young) = self.reclaim_locked(subnet, usize::MAX, links)?;
+            for r in &got {
+                used.remove(&u32::from(r.ip));
+            }
+            allocated -= got.len().min(allocated);
+            reclaimed.extend(got);
+            if young > 0 {
+                waiting = format!(
+                    ", {young} of them without a host veth but younger than the {}s grace \
+                     (an ADD in progress, or one just killed: reclaimed after that)",
+                    RECLAIM_GRACE.as_secs()
+                );
+            }
+        }
         let exhausted = || IpamError::Exhausted {
             subnet,
             allocated,
             capacity,
             dir: self.dir.clone(),
+            waiting: waiting.clone(),
         };
         if allocated >= capacity {
             return Err(exhausted());
@@ -129,6 +164,7 @@ impl IpamStore {
                     return Ok(Allocated {
                         ip,
                         spares_left: Some(spares - usize::from(reused)),
+                        reclaimed,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,

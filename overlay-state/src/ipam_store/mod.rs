@@ -10,6 +10,9 @@
 //!     key.<16 hex>          index: the same file under the name of its (container id, ifname)
 //!     spare.10.244.7.9      a released allocation's file, kept for the next ADD to reuse
 //!     spare.new.0           an empty file made ahead of need (spare.new.0 .. spare.new.3)
+//!     boot_id               the kernel boot id the allocations were made under
+//!     reclaim.log           one line per reclaimed or dropped allocation (capped, one old copy)
+//!     reclaimed_total       how many allocations were reclaimed or dropped, ever
 //! ```
 //!
 //! An allocation is one file with two names. It is made as `key.<hash>`, fully written, then
@@ -33,8 +36,12 @@
 //!   the runtime's DEL (same key) or GC (key not among the valid attachments) releases it. A
 //!   repeated ADD with the same key gets the same IP back.
 //!
-//! Files are not fsync'ed: the store must survive the death of a process, not of the machine (after
-//! a reboot every pod sandbox is new and the runtime's GC reconciles the store).
+//! Files are not fsync'ed: the store must survive the death of a process, not of the machine. After
+//! a reboot every pod sandbox is new, so the first allocation under a new boot id drops every
+//! allocation (see `boot.rs`), whatever state the disk kept.
+//!
+//! Nobody needs to clear the store by hand: on a full subnet, an allocation whose host veth is
+//! gone and which is older than [`RECLAIM_GRACE`] is reclaimed (see `reclaim.rs`).
 //!
 //! The index spares ADD and DEL from reading every IP file (253 on a full /24 node). It is only a
 //! hint, always checked against the IP file it names: it exists before the IP name does and is
@@ -54,13 +61,20 @@ use ipnetwork::Ipv4Network;
 use nix::fcntl::{Flock, FlockArg};
 
 mod allocate;
+mod boot;
+mod reclaim;
 mod release;
+
+pub use reclaim::{Reclaimed, Survey, RECLAIM_GRACE};
 #[cfg(test)]
 mod tests;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/overlay";
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED_FILE: &str = "last_reserved_ip";
+const BOOT_FILE: &str = "boot_id";
+const RECLAIM_LOG: &str = "reclaim.log";
+const RECLAIMED_TOTAL: &str = "reclaimed_total";
 const TMP_PREFIX: &str = ".tmp.";
 const KEY_PREFIX: &str = "key.";
 const SPARE_PREFIX: &str = "spare.";
@@ -113,12 +127,15 @@ impl AttachmentKey {
 }
 
 /// What an allocation did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocated {
     pub ip: Ipv4Addr,
     /// Spare files left for the next allocations (see [`IpamStore::top_up_spares`]); None when
     /// the key already held its IP and nothing was used.
     pub spares_left: Option<usize>,
+    /// What the allocation reclaimed to find room (the subnet was full), or dropped because an
+    /// earlier boot made it.
+    pub reclaimed: Vec<Reclaimed>,
 }
 
 /// One allocated IP. `key` is `None` for a file whose content cannot be read as a key (written by
@@ -135,13 +152,16 @@ pub enum IpamError {
     Io { path: PathBuf, source: io::Error },
     #[error(
         "subnet {subnet} is exhausted: {allocated} of {capacity} pod addresses are allocated \
-         (store {dir}); delete pods on this node, or run CNI GC to release leaked addresses"
+         (store {dir}){waiting}; delete pods on this node, or run CNI GC to release leaked \
+         addresses"
     )]
     Exhausted {
         subnet: Ipv4Network,
         allocated: usize,
         capacity: usize,
         dir: PathBuf,
+        /// Why some of them could not be reclaimed yet, if so (", N of them …").
+        waiting: String,
     },
     #[error("network name {0:?} cannot name an IPAM store directory")]
     InvalidNetworkName(String),
@@ -170,6 +190,8 @@ pub fn pod_capacity(subnet: Ipv4Network) -> usize {
 #[derive(Debug, Clone)]
 pub struct IpamStore {
     dir: PathBuf,
+    /// The boot allocations are made under; None: unknown, nothing is dropped.
+    boot_id: Option<String>,
 }
 
 /// Held while allocating or releasing; the flock goes with the file descriptor.
@@ -185,7 +207,14 @@ impl IpamStore {
         }
         Ok(IpamStore {
             dir: data_dir.join(network_name),
+            boot_id: None,
         })
+    }
+
+    /// Allocations from any other boot are dropped at the next allocation (see `boot.rs`).
+    pub fn with_boot_id(mut self, boot_id: Option<String>) -> Self {
+        self.boot_id = boot_id;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -248,6 +277,15 @@ impl IpamStore {
         }
         out.sort_by_key(|a| a.ip);
         Ok(out)
+    }
+
+    /// Whether `key` still holds `ip`, under the lock: an ADD that took longer than the reclaim
+    /// grace to wire its pod learns here if its allocation was reclaimed meanwhile (a reclaim
+    /// holds the lock from its link dump to its last removal, so the ADD's veth either was in
+    /// that dump or this check runs after the removal).
+    pub fn holds(&self, key: &AttachmentKey, ip: Ipv4Addr) -> Result<bool, IpamError> {
+        let _lock = self.lock()?;
+        Ok(self.find(key)? == Some(ip))
     }
 
     /// The IP held by `key`, if any, found through the index (two small reads).

@@ -13,13 +13,9 @@ impl IpamStore {
         }
         let _lock = self.lock()?;
         let mut released = Vec::new();
-        let index = self.dir.join(key.index_name());
         if let Some(ip) = self.find(key)? {
-            self.remove_ip_file(ip)?;
             released.push(ip);
-            // The IP name is gone, so the file is only the index entry now: keep it for the next
-            // ADD. Failing that, it is removed like any index entry.
-            if fs::rename(&index, self.dir.join(format!("{SPARE_PREFIX}{ip}"))).is_ok() {
+            if self.release_found(key, ip)? {
                 return Ok(released);
             }
         } else {
@@ -67,5 +63,27 @@ impl IpamStore {
             }
         }
         Ok(released)
+    }
+
+    /// Under the lock: releases `ip`, which `find(key)` found (so the index entry is the same
+    /// file). The IP name goes first; the file, then only the index entry, is kept as a spare
+    /// for the next ADD. Returns false if that rename failed (the index entry is still there).
+    fn release_found(&self, key: &AttachmentKey, ip: Ipv4Addr) -> Result<bool, IpamError> {
+        self.remove_ip_file(ip)?;
+        let index = self.dir.join(key.index_name());
+        Ok(fs::rename(&index, self.dir.join(format!("{SPARE_PREFIX}{ip}"))).is_ok())
+    }
+
+    /// Under the lock: releases `ip`, held by `key` (its file says so), whether or not the
+    /// index entry still names it.
+    pub(super) fn release_ip_of(&self, key: &AttachmentKey, ip: Ipv4Addr) -> Result<(), IpamError> {
+        if self.find(key)? == Some(ip) {
+            if !self.release_found(key, ip)? {
+                self.remove_file(&key.index_name())?;
+            }
+        } else {
+            self.remove_ip_file(ip)?;
+        }
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use std::collections::BTreeSet;
+use std::fs::File;
 
 fn subnet(s: &str) -> Ipv4Network {
     s.parse().unwrap()
@@ -285,4 +286,134 @@ fn network_name_cannot_escape_data_dir() {
         assert!(IpamStore::new(Path::new("/x"), bad).is_err(), "{bad:?}");
     }
     assert!(IpamStore::new(Path::new("/x"), "k8s-pod_network.1").is_ok());
+}
+
+fn age(store: &IpamStore, ip: Ipv4Addr, by: std::time::Duration) {
+    let f = File::open(store.dir().join(ip.to_string())).unwrap();
+    f.set_modified(std::time::SystemTime::now() - by).unwrap();
+}
+
+#[test]
+fn allocations_of_another_boot_are_dropped_at_the_next_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = subnet("10.1.2.0/24");
+    let before = IpamStore::new(dir.path(), "net")
+        .unwrap()
+        .with_boot_id(Some("boot-a".into()));
+    for i in 0..3 {
+        before.allocate(s, &key(i)).unwrap();
+    }
+    // Same boot: kept.
+    assert_eq!(
+        before.allocate(s, &key(3)).unwrap(),
+        Ipv4Addr::new(10, 1, 2, 5)
+    );
+    let after = IpamStore::new(dir.path(), "net")
+        .unwrap()
+        .with_boot_id(Some("boot-b".into()));
+    let a = after.allocate_counting_spares(s, &key(9)).unwrap();
+    assert_eq!(
+        a.ip,
+        Ipv4Addr::new(10, 1, 2, 2),
+        "from the start of the range"
+    );
+    assert_eq!(a.reclaimed.len(), 4);
+    assert!(a.reclaimed[0].why.contains("boot-a"), "{:?}", a.reclaimed);
+    assert_eq!(after.list().unwrap().len(), 1);
+    assert_eq!(after.find(&key(0)).unwrap(), None);
+    assert_eq!(after.reclaimed_total(), 4);
+    // A store whose boot is unknown (no boot file, or no boot id) keeps what it has.
+    let other = IpamStore::new(dir.path(), "older").unwrap();
+    other.allocate(s, &key(1)).unwrap();
+    let other = other.with_boot_id(Some("boot-b".into()));
+    other.allocate(s, &key(2)).unwrap();
+    assert_eq!(other.list().unwrap().len(), 2);
+}
+
+#[test]
+fn a_full_subnet_reclaims_only_old_allocations_without_a_veth() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = IpamStore::new(dir.path(), "net").unwrap();
+    let s = subnet("10.1.2.0/29"); // 5 pod addresses
+    let ips: Vec<Ipv4Addr> = (0..5)
+        .map(|i| store.allocate(s, &key(i)).unwrap())
+        .collect();
+    let veth = |i: usize| crate::host_veth_name(&format!("c{i}"), "eth0");
+    // 0, 1: old, veth gone. 2: old, veth there. 3: young, veth gone. 4: young, veth there.
+    let old = RECLAIM_GRACE + std::time::Duration::from_secs(5);
+    for ip in &ips[..3] {
+        age(&store, *ip, old);
+    }
+    let links: HashSet<String> = [veth(2), veth(4), "cni0".to_string()].into();
+    let other = IpamStore::new(dir.path(), "other").unwrap();
+    let theirs = other.allocate(s, &key(0)).unwrap();
+    age(&other, theirs, old);
+    let mut dumps = 0;
+    let mut names = || {
+        dumps += 1;
+        Some(links.clone())
+    };
+    let a = store.allocate_or_reclaim(s, &key(10), &mut names).unwrap();
+    assert_eq!(dumps, 1);
+    let got: Vec<Ipv4Addr> = a.reclaimed.iter().map(|r| r.ip).collect();
+    assert_eq!(got, vec![ips[0], ips[1]]);
+    assert!(a.reclaimed[0].why.contains("is gone"), "{}", a.reclaimed[0]);
+    assert!(got.contains(&a.ip));
+    // The other reclaimed address is free; then only young ones without a veth remain (3, and the
+    // two just allocated, whose ADDs would make their veths next).
+    store.allocate(s, &key(11)).unwrap();
+    let err = store
+        .allocate_or_reclaim(s, &key(12), &mut || Some(links.clone()))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("5 of 5") && msg.contains("3 of them without a host veth"),
+        "{msg}"
+    );
+    for (i, ip) in ips.iter().enumerate().skip(2) {
+        assert_eq!(store.find(&key(i)).unwrap(), Some(*ip), "key {i}");
+    }
+    // Without the link names nothing is reclaimed; another network's store is never touched.
+    age(&store, ips[3], old);
+    assert!(store
+        .allocate_or_reclaim(s, &key(12), &mut || None)
+        .is_err());
+    assert_eq!(other.find(&key(0)).unwrap(), Some(theirs));
+    let survey = store.survey(s, &links).unwrap();
+    assert_eq!(
+        (
+            survey.allocations,
+            survey.live,
+            survey.reclaimable,
+            survey.young
+        ),
+        (5, 2, 1, 2)
+    );
+    assert_eq!(survey.reclaimed_total, 2);
+    // The daemon's pass takes it, at most `limit` at a time.
+    assert_eq!(
+        store
+            .reclaim(s, 1, &mut || Some(links.clone()))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.find(&key(3)).unwrap(), None);
+    let log = fs::read_to_string(store.dir().join("reclaim.log")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert!(log.contains("container c3"), "{log}");
+}
+
+#[test]
+fn a_repeated_add_renews_its_allocations_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = IpamStore::new(dir.path(), "net").unwrap();
+    let s = subnet("10.1.2.0/30"); // 1 pod address
+    let ip = store.allocate(s, &key(1)).unwrap();
+    age(&store, ip, RECLAIM_GRACE * 2);
+    assert_eq!(store.allocate(s, &key(1)).unwrap(), ip);
+    assert!(store
+        .allocate_or_reclaim(s, &key(2), &mut || Some(HashSet::new()))
+        .is_err());
+    assert!(store.holds(&key(1), ip).unwrap());
 }
