@@ -79,6 +79,8 @@ struct Known {
     repairs: RepairsReport,
     recent_repairs: VecDeque<(Instant, String)>,
     ipam: Option<(PathBuf, Ipv4Network)>,
+    /// Why this node refuses to go on (its subnet held by another node), while it does.
+    refused: Option<String>,
 }
 
 struct EtcdState {
@@ -114,6 +116,13 @@ impl Health {
 
     pub fn set_settings(&self, s: Settings) {
         self.known().settings = Some(s);
+    }
+
+    /// `Backend.DirectRouting` as applied live after a config change in etcd.
+    pub fn set_direct_routing(&self, on: bool) {
+        if let Some(c) = self.known().config.as_mut() {
+            c.direct_routing = on;
+        }
     }
 
     pub fn set_config(
@@ -201,6 +210,11 @@ impl Health {
             l.ttl_left_seconds = Some(0);
         }
         self.metrics.lease_ttl.set(0);
+    }
+
+    /// Not ready with `why` (this node's subnet is held by another node), until called with `None`.
+    pub fn set_refused(&self, why: Option<String>) {
+        self.known().refused = why;
     }
 
     /// The lease to check the TTL of, if any.
