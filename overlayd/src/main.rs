@@ -9,7 +9,7 @@ use overlayd::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    overlayd::logging::init(cli.log_level.as_deref());
+    overlayd::logging::init(cli.log_level.as_deref(), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => commands::run::run(args).await,
             Command::Status(args) => commands::status::run(args).await,
+            Command::Doctor(args) => commands::doctor::run(args).await,
             Command::Release(args) => commands::release::run(args).await,
             Command::Uninstall(args) => commands::uninstall::run(args).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await,

@@ -386,6 +386,13 @@ async fn supervise(
     let subnet = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
     let _follower = Task(tokio::spawn(registry::watch::follow(reg.clone(), tx)));
+    // The config as running; only Backend.DirectRouting changes are applied live.
+    let mut running = cfg.clone();
+    let (cfg_tx, mut cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+    let _cfg_follower = Task(tokio::spawn(registry::config_watch::follow(
+        reg.clone(),
+        cfg_tx,
+    )));
     let mut guard = Task(tokio::spawn(guard_lease(
         reg.clone(),
         req.clone(),
@@ -426,6 +433,14 @@ async fn supervise(
             }
             _ = &mut guard.0 => {
                 anyhow::bail!("the lease guard stopped unexpectedly");
+            }
+            changed = cfg_rx.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the network config follower stopped unexpectedly");
+                }
+                let new = cfg_rx.borrow_and_update().clone();
+                apply_config(&mut running, &new, dataplane.as_deref_mut());
+                health.set_direct_routing(running.backend.direct_routing);
             }
             _ = tick.tick() => {}
             _ = kernel_changed.notified() => {
@@ -504,6 +519,29 @@ fn note_ignored(
         seen.insert(key.clone(), i.mod_revision);
     }
     seen.retain(|k, _| ignored.contains_key(k));
+}
+
+/// A config changed in etcd: `Backend.DirectRouting` is applied now (the next pass moves the
+/// peers), whatever needs a restart is said once.
+fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mut Dataplane>) {
+    let later = running.restart_needed_for(new);
+    if !later.is_empty() {
+        warn!(
+            "the network config in etcd changed {}: overlayd applies that only when it restarts \
+             (a new Network or VNI cuts running pods off: restart every node in a planned window)",
+            later.join(", ")
+        );
+    }
+    if new.backend.direct_routing != running.backend.direct_routing {
+        running.backend.direct_routing = new.backend.direct_routing;
+        if let Some(dp) = dp {
+            dp.set_direct_routing(new.backend.direct_routing);
+        }
+        info!(
+            direct_routing = new.backend.direct_routing,
+            "applied Backend.DirectRouting from the changed network config"
+        );
+    }
 }
 
 /// Re-asserts `subnet`, waiting out etcd outages; only another node holding it is final.
