@@ -308,7 +308,12 @@ impl ErrorContext {
             E::GRpcStatus(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        // A connection etcd drops in the TLS handshake (no or a refused client
+                        // certificate) can surface as a cancelled call.
+                        | tonic::Code::Cancelled
                 ) =>
             {
                 RegistryError::Unreachable {
