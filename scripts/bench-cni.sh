@@ -19,7 +19,6 @@ cd "$(dirname "$0")/.."
 N=${1:-200}
 [[ $N =~ ^[0-9]+$ && $N -ge 1 && $N -le 250 ]] || { echo "N must be 1..250 (one /24 per plugin)" >&2; exit 2; }
 PAR=100
-PODS=$((N > PAR ? N : PAR))
 [[ $(id -u) == 0 ]] || { echo "bench-cni: needs root (network namespaces)" >&2; exit 1; }
 
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -52,12 +51,17 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "==> lab: 1 node namespace, 2 x $PODS pod namespaces (prefix $P-)"
+# A fresh pod netns for every sandbox, as a runtime makes one: overlay's DEL leaves the pair
+# (host end down) for the netns removal to take along, so a netns is never reused.
+SANDBOXES=("warm1")
+for i in $(seq 1 "$N"); do SANDBOXES+=("bench$i"); done
+for r in 1 2 3; do for i in $(seq 1 "$PAR"); do SANDBOXES+=("par$r-$i"); done; done
+echo "==> lab: 1 node namespace, 2 x ${#SANDBOXES[@]} pod namespaces (prefix $P-)"
 ip netns add "$P-node"
 ip -n "$P-node" link set lo up
-for i in $(seq 1 "$PODS"); do
-  ip netns add "$P-o$i"
-  ip netns add "$P-r$i"
+for s in "${SANDBOXES[@]}"; do
+  ip netns add "$P-o$s"
+  ip netns add "$P-r$s"
 done
 
 printf 'OVERLAY_NETWORK=10.244.0.0/16\nOVERLAY_SUBNET=10.244.7.1/24\nOVERLAY_MTU=1450\nOVERLAY_IPMASQ=true\n' >"$TMP/subnet.env"
@@ -84,9 +88,9 @@ us() { local t=${1/./}; echo $((10#$t)); }
 # The plugin's output is read through a pipe to its end, as a runtime reads it: a call is over
 # when every copy of its stdout is closed, not only when the process exits. (`exec`: the subshell
 # of $(...) becomes the plugin, as a runtime's fork does; no helper like env(1) is timed.)
-call() { # o|r COMMAND POD ID-PREFIX
+call() { # o|r COMMAND POD ID-PREFIX (the sandbox's netns is <ID-PREFIX><POD>)
   local out
-  out=$(CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$3 exec "${plugin[$1]}" <"${conf[$1]}") ||
+  out=$(CNI_COMMAND=$2 CNI_CONTAINERID=$4-$3 CNI_NETNS=/var/run/netns/$prefix-$1$4$3 exec "${plugin[$1]}" <"${conf[$1]}") ||
     { echo "$1: $2 of pod $3 failed: $out" >&2; exit 1; }
 }
 declare -A sum
@@ -100,14 +104,14 @@ timed() { # COMMAND ID-PREFIX: both plugins, alternating; totals in sum[o], sum[
     done
   done
 }
-parallel() { # o|r: wall ms of PAR ADDs started at once (their DELs follow, untimed)
+parallel() { # o|r ROUND: wall ms of PAR ADDs started at once (their DELs follow, untimed)
   local t0 t1 i fail=0 pids=()
   t0=$EPOCHREALTIME
-  for i in $(seq 1 "$par"); do call "$1" ADD "$i" par & pids+=($!); done
+  for i in $(seq 1 "$par"); do call "$1" ADD "$i" "par$2-" & pids+=($!); done
   for i in "${pids[@]}"; do wait "$i" || fail=1; done
   t1=$EPOCHREALTIME
   ((fail == 0)) || { echo "$1: a parallel ADD failed" >&2; exit 1; }
-  for i in $(seq 1 "$par"); do call "$1" DEL "$i" par; done
+  for i in $(seq 1 "$par"); do call "$1" DEL "$i" "par$2-"; done
   echo $(( ($(us "$t1") - $(us "$t0")) / 1000 ))
 }
 median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
@@ -117,7 +121,7 @@ timed ADD bench; add_o=${sum[o]} add_r=${sum[r]}
 timed DEL bench; del_o=${sum[o]} del_r=${sum[r]}
 timed DEL none; noop_o=${sum[o]} noop_r=${sum[r]}
 po=() pr=()
-for _ in 1 2 3; do po+=("$(parallel o)"); pr+=("$(parallel r)"); done
+for r in 1 2 3; do po+=("$(parallel o "$r")"); pr+=("$(parallel r "$r")"); done
 echo "$add_o $del_o $noop_o $(median3 "${po[@]}") $add_r $del_r $noop_r $(median3 "${pr[@]}")"
 INNER
 

@@ -37,28 +37,35 @@ pub fn done(r: Reply) -> Result<(), NlError> {
 #[derive(Debug, Clone)]
 pub struct Link {
     pub index: u32,
+    pub name: String,
     pub mac: String,
     pub mtu: Option<u32>,
     pub up: bool,
     pub controller: Option<u32>,
     pub kind_is_veth: bool,
+    /// A veth's peer: its index in the peer's netns (IFLA_LINK).
+    pub peer: Option<u32>,
 }
 
 impl Link {
     fn from_message(m: &LinkMessage) -> Link {
         let mut link = Link {
             index: m.header.index,
+            name: String::new(),
             mac: String::new(),
             mtu: None,
             up: m.header.flags.contains(LinkFlags::Up),
             controller: None,
             kind_is_veth: false,
+            peer: None,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::Address(b) => link.mac = format_mac(b),
+                LinkAttribute::IfName(n) => link.name.clone_from(n),
                 LinkAttribute::Mtu(v) => link.mtu = Some(*v),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Link(i) => link.peer = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     link.kind_is_veth = infos
                         .iter()
@@ -97,6 +104,15 @@ pub fn host_veth_mac(container_id: &str, ifname: &str) -> [u8; 6] {
     [0x0e, h[0], h[1], h[2], h[3], h[4]]
 }
 
+/// Whether `name` has the shape [`host_veth_name`] gives.
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 15
+        && name.starts_with("veth")
+        && name[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 pub fn format_mac(bytes: &[u8]) -> String {
     bytes
         .iter()
@@ -121,6 +137,21 @@ pub fn found(r: Reply) -> Result<Option<Link>, NlError> {
         Err(e) if e.is(Errno::ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Every link of the socket's netns, in one dump.
+pub fn all(nl: &mut Netlink) -> Result<Vec<Link>, NlError> {
+    let msgs = nl.request(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        Kind::Dump,
+    )?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// The link called `name`, or `None`.
@@ -327,6 +358,8 @@ mod tests {
         assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
         assert_eq!(a.len(), 15);
         assert!(a.starts_with("veth"));
+        assert!(is_host_veth_name(&a));
+        assert!(!is_host_veth_name("veth0") && !is_host_veth_name("vethXYZ0123456789"));
         assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
         // The separator keeps ("ab", "c") and ("a", "bc") apart.
         assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));

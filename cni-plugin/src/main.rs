@@ -18,7 +18,7 @@
 mod commands;
 mod config;
 mod error;
-mod later;
+mod helper;
 mod link;
 mod netlink;
 mod netns;
@@ -28,7 +28,6 @@ use std::io::Read;
 
 use config::{Command, Env, NetConf};
 use error::{code, CniError};
-use later::Later;
 use spec::{LATEST, SUPPORTED_VERSIONS};
 
 fn main() {
@@ -47,13 +46,12 @@ fn main() {
         )),
     };
     match outcome {
-        Ok(Outcome { print, later }) => {
+        Ok(Outcome { print, helper }) => {
             if let Some(out) = print {
                 println!("{out}");
             }
-            if let Some(later) = later {
-                later::after_answer(later);
-            }
+            // Waited for after the answer is out (see [`helper`]).
+            drop(helper);
         }
         Err(e) => {
             println!("{}", e.to_json(&version));
@@ -63,18 +61,18 @@ fn main() {
     }
 }
 
-/// A command's success: what to print, and what to do after the answer (see [`later`]).
+/// A command's success: what to print, and a helper still running to wait for.
 #[derive(Default)]
 struct Outcome {
     print: Option<String>,
-    later: Option<Later>,
+    helper: Option<helper::SpareMaker>,
 }
 
 impl Outcome {
     fn print(out: String) -> Outcome {
         Outcome {
             print: Some(out),
-            later: None,
+            helper: None,
         }
     }
 }
@@ -113,19 +111,16 @@ fn run(stdin: &[u8]) -> Result<Outcome, CniError> {
     }
     match (command, env) {
         (Command::Add, Some(env)) => {
-            let (result, store) = commands::add::add(&conf, &env)?;
+            let (result, helper) = commands::add::add(&conf, &env)?;
             let json = serde_json::to_string(&result.for_version(conf.version)).map_err(|e| {
                 CniError::new(code::IO_FAILURE, format!("cannot encode result: {e}"))
             })?;
             Ok(Outcome {
                 print: Some(json),
-                later: store.map(Later::TopUpSpares),
+                helper,
             })
         }
-        (Command::Del, Some(env)) => Ok(Outcome {
-            print: None,
-            later: commands::del::del(&conf, &env)?.map(Later::DeleteLink),
-        }),
+        (Command::Del, Some(env)) => commands::del::del(&conf, &env).map(|()| Outcome::default()),
         (Command::Check, Some(env)) => {
             commands::check::check(&conf, &env).map(|()| Outcome::default())
         }

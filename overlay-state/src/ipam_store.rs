@@ -19,7 +19,8 @@
 //! to `spare.<ip>` (at most one per IP of the subnet) and the next ADD renames a spare back into
 //! an index entry and rewrites it. A spare is never linked under an IP name: its IP name is gone
 //! before it is renamed. [`IpamStore::top_up_spares`] makes empty spares ahead of need (the plugin
-//! calls it after answering an ADD), so a node's first pods do not pay for inodes either.
+//! runs it in a helper process while ADD wires the pod), so a node's first pods do not pay for
+//! inodes either.
 //!
 //! Crash safety (a plugin may be `kill -9`ed at any instruction):
 //! - An IP is taken exactly when a file with its name exists. That name is only ever made by

@@ -26,7 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Lease this node's subnet and keep the overlay data plane in shape (the DaemonSet's command).
     Run(RunArgs),
-    /// Show this node's subnet, its lease in etcd and whether every other node is routed.
+    /// What the local daemon knows (its /status: readiness, lease, peers, repairs); when it is
+    /// down, what this node shows without it (subnet file, pod addresses, routes, etcd).
     Status(StatusArgs),
     /// Give this node's subnet back (decommissioning): revoke the etcd lease, remove the subnet file.
     Release(ReleaseArgs),
@@ -163,12 +164,17 @@ pub struct RunArgs {
     /// How often the data plane is checked against the leases even when nothing changed.
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub resync_interval: Duration,
-    /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 0.0.0.0:9472; off when unset.
+    /// Serve /healthz, /readyz, /status and /metrics (Prometheus) on this address, e.g.
+    /// 0.0.0.0:9472; off when unset.
     #[arg(long, env = "OVERLAYD_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Only lease the subnet and write the subnet file; leave the node's network alone.
     #[arg(long, env = "OVERLAYD_LEASE_ONLY")]
     pub lease_only: bool,
+    /// /readyz fails when etcd has not answered for this long (the daemon asks it every quarter
+    /// of this, at most every 30 s). The data plane keeps running either way.
+    #[arg(long, env = "OVERLAYD_ETCD_HEARD_WITHIN", default_value = "60s", value_parser = parse_duration)]
+    pub etcd_heard_within: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -177,6 +183,12 @@ pub struct StatusArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub node: NodeArgs,
+    /// The local daemon's --metrics-addr, where its /status is read (in the DaemonSet's pod the
+    /// environment already has it); a wildcard address means loopback.
+    #[arg(long, env = "OVERLAYD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: std::net::SocketAddr,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Clone, Args)]

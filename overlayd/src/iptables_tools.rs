@@ -97,6 +97,16 @@ pub async fn save(backend: Backend, args: &[&str]) -> Result<String, ToolError> 
     output(backend.save_tool(), args).await
 }
 
+/// `<backend> -t <table> -S <chain>`: one chain's rules in `-save` form, without dumping the
+/// table (a node with thousands of Service rules pays for a full dump on every check).
+pub async fn list_chain(backend: Backend, table: &str, chain: &str) -> Result<String, ToolError> {
+    output(
+        backend.iptables_tool(),
+        &["-w", XTABLES_LOCK_WAIT_SECS, "-t", table, "-S", chain],
+    )
+    .await
+}
+
 /// Feeds `input` to `<backend>-restore --noflush`: every table in it changes atomically.
 pub async fn restore_noflush(backend: Backend, input: &str) -> Result<(), ToolError> {
     let tool = backend.restore_tool();

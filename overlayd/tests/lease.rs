@@ -581,7 +581,7 @@ fn leases_over_tls_with_client_certificates() {
 }
 
 #[test]
-fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
+fn readyz_turns_ready_once_leased_and_metrics_count_leases() {
     let etcd = Etcd::start();
     let port = free_port(Ipv4Addr::LOCALHOST);
     let addr = format!("127.0.0.1:{port}");
@@ -600,14 +600,16 @@ fn healthz_turns_ready_once_leased_and_metrics_count_leases() {
     );
     d.wait_log("network config not found", Duration::from_secs(10));
     let (status, body) = wait_for("the health server", Duration::from_secs(5), || {
-        http_get(&addr, "/healthz")
+        http_get(&addr, "/readyz")
     });
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("no subnet leased yet"), "{body}");
+    assert!(body.contains("FAIL lease: no subnet leased yet"), "{body}");
+    // Alive while it waits: waiting for a config is no reason to restart it.
+    assert_eq!(http_get(&addr, "/healthz").map(|r| r.0), Some(200));
     etcd.put(&format!("{PREFIX}/config"), CONFIG);
     d.wait_log("leased subnet", Duration::from_secs(20));
-    wait_for("healthz to say ok", Duration::from_secs(5), || {
-        http_get(&addr, "/healthz")
+    wait_for("readyz to say ready", Duration::from_secs(5), || {
+        http_get(&addr, "/readyz")
             .filter(|(s, _)| *s == 200)
             .map(|_| ())
     });

@@ -19,10 +19,11 @@ OVERLAY_DEPS=(
   "openssl:openssl"              # a throwaway PKI for the TLS-to-etcd test
   "python3:python3"              # the benchmarks read iperf3's JSON
   "/usr/lib/cni/host-local:containernetworking-plugins"  # the reference the CNI bench compares with
+  "/usr/lib/cni/portmap:containernetworking-plugins"     # hostPort chained after overlay (kube_proxy test)
   "podman:podman"                # builds the node image (scripts/image.sh), runs the DaemonSet's pod
   "catatonit:catatonit"          # podman kube play's infra container
   "debootstrap:debootstrap"      # the image's base when no registry is reachable
-  "curl:curl"                    # image.sh: is a registry reachable?
+  "curl:curl"                    # image.sh: is a registry reachable? tests read /metrics, /readyz, /status
   "containerd:containerd"        # the DaemonSet test's pods, made through the installed conflist
   "ctr:containerd"
   "runc:runc"

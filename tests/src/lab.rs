@@ -29,6 +29,8 @@ pub struct LabNode {
     pub subnet_file: PathBuf,
     pub ipam_dir: PathBuf,
     pub extra_args: Vec<String>,
+    /// The underlay router this node's default route points at.
+    pub gateway: Ipv4Addr,
     restarts: u32,
 }
 
@@ -79,34 +81,7 @@ impl Lab {
         let i = self.nodes.len();
         let ns = Netns::new("nd");
         let ip = Ipv4Addr::new(192, 0, 2, 10 + i as u8);
-        let peer = format!("n{i}");
-        ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "mtu",
-            &self.underlay_mtu.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            &self.underlay.name,
-        ]);
-        self.underlay.ip(&[
-            "link",
-            "set",
-            &peer,
-            "mtu",
-            &self.underlay_mtu.to_string(),
-            "master",
-            "br0",
-            "up",
-        ]);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "default", "via", &ETCD_IP.to_string()]);
+        self.plumb(&ns, i, ip, ETCD_IP);
         prepare(&ns);
         let name = format!("node{i}");
         let node = LabNode {
@@ -118,11 +93,65 @@ impl Lab {
             ip,
             name,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            gateway: ETCD_IP,
             restarts: 0,
         };
         self.nodes.push(node);
         self.start_daemon(i);
         i
+    }
+
+    /// Wires `ns` to the underlay bridge as node `i` (`eth0` ↔ `n<i>`) with `ip`/24 and a
+    /// default route via `gateway`.
+    fn plumb(&self, ns: &Netns, i: usize, ip: Ipv4Addr, gateway: Ipv4Addr) {
+        let peer = format!("n{i}");
+        let mtu = self.underlay_mtu.to_string();
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.underlay.name,
+        ]);
+        self.underlay
+            .ip(&["link", "set", &peer, "mtu", &mtu, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &gateway.to_string()]);
+    }
+
+    /// A reboot of node `i`: its daemon dies (KILL), its pods and its whole namespace go (links,
+    /// routes, iptables, /run with the subnet file), then a fresh namespace with the same IP and
+    /// config boots overlayd again. The IPAM dir (on disk, like /var/lib/cni) survives.
+    pub fn reboot_node(&mut self, i: usize) {
+        self.stop_daemon(i, "KILL");
+        self.nodes[i].pods.clear();
+        let gateway = self.nodes[i].gateway;
+        let old = std::mem::replace(&mut self.nodes[i].ns, Netns::new("nd"));
+        drop(old);
+        // The namespace's veth end takes its underlay peer with it, asynchronously.
+        let peer = format!("n{i}");
+        wait_for(
+            &format!("{peer} to leave the underlay"),
+            Duration::from_secs(10),
+            || {
+                (!self
+                    .underlay
+                    .ip_out(&["link", "show"])
+                    .contains(&format!(" {peer}@")))
+                .then_some(())
+            },
+        );
+        let _ = std::fs::remove_file(&self.nodes[i].subnet_file);
+        self.plumb(&self.nodes[i].ns, i, self.nodes[i].ip, gateway);
+        self.start_daemon(i);
     }
 
     /// Starts (or restarts) node `i`'s daemon and waits until it has written its subnet file.
@@ -206,6 +235,17 @@ impl Lab {
         child.wait_with_output().expect("plugin output")
     }
 
+    /// Node `i`'s `overlay` entry for a conflist (the list adds `cniVersion` and `name`), for
+    /// chains run with [`crate::cni_chain`].
+    pub fn overlay_plugin(&self, i: usize) -> serde_json::Value {
+        let node = &self.nodes[i];
+        serde_json::json!({
+            "type": "overlay",
+            "subnetFile": node.subnet_file,
+            "dataDir": node.ipam_dir,
+        })
+    }
+
     /// A pod on node `i`, networked by the plugin. Returns its index on the node.
     pub fn add_pod(&mut self, i: usize) -> usize {
         let ns = Netns::new("pd");
@@ -242,6 +282,23 @@ impl Lab {
             .enumerate()
             .flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
             .collect()
+    }
+
+    /// GET `path` from a server on node `i`'s own loopback (its daemon's `--metrics-addr`), with
+    /// curl run inside the node's namespace: the status code and the body, `None` if nothing
+    /// answers.
+    pub fn http_get(&self, i: usize, port: u16, path: &str) -> Option<(u16, String)> {
+        let out = self.nodes[i]
+            .ns
+            .cmd("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        let code: u16 = code.trim().parse().ok()?;
+        (code != 0).then(|| (code, body.to_string()))
     }
 
     /// Waits until node `from`'s kernel has a route to node `to`'s subnet (or its absence).

@@ -13,9 +13,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cni_chain;
 pub mod etcd;
+pub mod kube_proxy;
 pub mod lab;
 pub mod netns;
+pub mod probe;
 
 pub use etcd::Etcd;
 pub use netns::Netns;

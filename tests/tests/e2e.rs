@@ -572,53 +572,6 @@ fn a_peer_whose_public_ip_or_mac_changes_is_reprogrammed() {
 }
 
 #[test]
-fn status_reports_the_lease_and_every_peer_route() {
-    if !require_root("status_reports_the_lease_and_every_peer_route") {
-        return;
-    }
-    let mut lab = two_nodes(DEFAULT_CONFIG, 0);
-    let s1 = lab.subnet(1).to_string();
-    let status = |lab: &Lab| {
-        lab.nodes[0]
-            .ns
-            .cmd(overlay_testlab::bin("overlayd").to_str().unwrap())
-            .args(["status", "--etcd-endpoints", &lab.etcd.endpoint])
-            .arg("--subnet-file")
-            .arg(&lab.nodes[0].subnet_file)
-            .arg("--cni-data-dir")
-            .arg(&lab.nodes[0].ipam_dir)
-            .output()
-            .expect("status")
-    };
-    let out = status(&lab);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("pod addresses: 0 of 253 allocated"), "{text}");
-    lab.add_pod(0);
-    lab.add_pod(0);
-    let out = status(&lab);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("2 of 253 allocated"), "{text}");
-    assert!(
-        text.contains(&format!("{} held by 192.0.2.10", lab.subnet(0))),
-        "{text}"
-    );
-    assert!(text.contains("s left"), "{text}");
-    assert!(
-        text.contains(&s1) && text.contains("node1") && text.contains("routed"),
-        "{text}"
-    );
-    // With the daemon stopped, a deleted route stays deleted and status says so.
-    lab.stop_daemon(0, "TERM");
-    lab.nodes[0].ns.ip(&["route", "del", &s1]);
-    let out = status(&lab);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("NO ROUTE"), "{text}");
-}
-
-#[test]
 fn ip_masq_false_installs_no_masquerade_but_keeps_forwarding() {
     if !require_root("ip_masq_false_installs_no_masquerade_but_keeps_forwarding") {
         return;

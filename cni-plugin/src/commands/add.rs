@@ -9,6 +9,7 @@ use overlay_state::{IpamStore, SubnetFile};
 
 use crate::config::{Env, NetConf};
 use crate::error::{code, CniError};
+use crate::helper::SpareMaker;
 use crate::link::{self, created, done, found};
 use crate::netlink::{Kind, Netlink, NlError};
 use crate::netns;
@@ -17,9 +18,9 @@ use crate::spec::{CniResult, Interface, IpConfig, Route};
 /// Fewer spares than this left after an allocation: top them up.
 const SPARES_LOW: usize = 2;
 
-/// The result, and the IPAM store if it is running short of spare files (to top them up once the
-/// answer is out: making a file is dear, and a fork costs about 0.1 ms, so only when needed).
-pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), CniError> {
+/// The result, and the helper making spare files if the store is running short of them (making
+/// a file is dear, and a fork costs about 0.1 ms, so only when needed).
+pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>), CniError> {
     let netns_path = env
         .netns
         .as_ref()
@@ -42,20 +43,11 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), 
         .map_err(kernel("cannot list the node's links"))?;
     let existing = pod.collect_one(pod_q);
     let bridge = host.collect_one(host_q);
-    // Before the store changes: an existing interface belongs to someone else (or to an earlier
-    // ADD that succeeded), so it must neither be touched nor have its IP released.
-    if found(existing)
-        .map_err(kernel("cannot list the pod's links"))?
-        .is_some()
-    {
-        return Err(CniError::new(
-            code::INTERFACE_EXISTS,
-            format!(
-                "interface {} already exists in netns {}",
-                env.ifname,
-                netns_path.display()
-            ),
-        ));
+    let host_name = link::host_veth_name(&env.container_id, &env.ifname);
+    // Before the store changes: an interface that is not ours belongs to someone else, so it must
+    // neither be touched nor have its IP released.
+    if let Some(pod_link) = found(existing).map_err(kernel("cannot list the pod's links"))? {
+        take_over(&mut host, &pod_link, &host_name, env, netns_path)?;
     }
     // Making the node's bridge is no change to the pod, and every ADD needs it anyway.
     let bridge = found(bridge)
@@ -65,7 +57,12 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), 
     let key = env.key();
     let allocated = store.allocate_counting_spares(subnet_file.subnet, &key)?;
     let ip = allocated.ip;
-    let host_name = link::host_veth_name(&env.container_id, &env.ifname);
+    // Made while the pod is wired; waited for before the plugin exits (also on an error here).
+    let spare_maker = allocated
+        .spares_left
+        .is_some_and(|n| n < SPARES_LOW)
+        .then(|| SpareMaker::start(&store))
+        .flatten();
     let attached = attach(
         conf,
         env,
@@ -126,11 +123,46 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<IpamStore>), 
             .collect(),
         ..Default::default()
     };
-    let short = allocated.spares_left.is_some_and(|n| n < SPARES_LOW);
-    Ok((
-        merge(conf.prev_result.clone(), ours),
-        short.then_some(store),
-    ))
+    Ok((merge(conf.prev_result.clone(), ours), spare_maker))
+}
+
+/// The pod already has an interface called `CNI_IFNAME`. If it is the peer of this attachment's
+/// host veth, it is what an earlier ADD or DEL of the same attachment left (a DEL answers before
+/// the pair is gone, an ADD may have been killed, or the runtime repeats an ADD): the pair is
+/// deleted and made again, and the store gives the attachment back the IP it still holds.
+/// Anything else is someone else's interface: code 101, nothing touched.
+fn take_over(
+    host: &mut Netlink,
+    pod_link: &link::Link,
+    host_name: &str,
+    env: &Env,
+    netns_path: &std::path::Path,
+) -> Result<(), CniError> {
+    let kernel = |what: &'static str| move |e: NlError| CniError::kernel(what, e);
+    let host_link =
+        link::by_name(host, host_name).map_err(kernel("cannot list the node's links"))?;
+    // Each end names the other's index: a pair with one end in each namespace, so not a chance
+    // match of indexes from two namespaces.
+    let ours = host_link.is_some_and(|h| {
+        h.kind_is_veth
+            && pod_link.kind_is_veth
+            && h.peer == Some(pod_link.index)
+            && pod_link.peer == Some(h.index)
+    });
+    if !ours {
+        return Err(CniError::new(
+            code::INTERFACE_EXISTS,
+            format!(
+                "interface {} already exists in netns {} and is not this attachment's veth \
+                 (its host end would be {host_name}); remove it or use another CNI_IFNAME",
+                env.ifname,
+                netns_path.display()
+            ),
+        ));
+    }
+    link::delete_by_name(host, host_name)
+        .map_err(kernel("cannot remove this attachment's old veth pair"))?;
+    Ok(())
 }
 
 struct Attachment<'a> {

@@ -1,5 +1,8 @@
 //! GC: release every allocation of this network that is not among the runtime's valid
-//! attachments, and remove the host veth such an allocation may still have.
+//! attachments, and remove the host veths nothing valid uses: those of the released allocations,
+//! and those DEL left down in the bridge (see [`super::del`]).
+
+use std::collections::HashSet;
 
 use overlay_state::{AttachmentKey, IpamStore};
 
@@ -18,14 +21,34 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     })?;
     let store = IpamStore::new(&conf.data_dir, &conf.name)?;
     let released = store.gc(|k| valid.contains(k))?;
-    if released.iter().any(|a| a.key.is_some()) {
-        let mut host = netns::connect_here()?;
-        for a in released {
-            if let Some(k) = a.key {
-                let name = link::host_veth_name(&k.container_id, &k.ifname);
-                // Best effort: GC must release IPs even if one link cannot be removed.
-                let _ = link::delete_by_name(&mut host, &name);
-            }
+    let released: HashSet<String> = released
+        .into_iter()
+        .filter_map(|a| a.key)
+        .map(|k| link::host_veth_name(&k.container_id, &k.ifname))
+        .collect();
+    let keep: HashSet<String> = valid
+        .iter()
+        .map(|k| link::host_veth_name(&k.container_id, &k.ifname))
+        .collect();
+    let mut host = netns::connect_here()?;
+    let links =
+        link::all(&mut host).map_err(|e| CniError::kernel("cannot list the node's links", e))?;
+    let bridge = links
+        .iter()
+        .find(|l| l.name == conf.bridge)
+        .map(|b| b.index);
+    for l in &links {
+        // Down in our bridge under our naming: what DEL leaves. An up one may be another network's
+        // sharing the bridge, so only those of allocations released here are removed up.
+        let left_by_del = link::is_host_veth_name(&l.name)
+            && l.kind_is_veth
+            && !l.up
+            && bridge.is_some()
+            && l.controller == bridge
+            && !keep.contains(&l.name);
+        if left_by_del || released.contains(&l.name) {
+            // Best effort: GC must release IPs even if one link cannot be removed.
+            let _ = link::delete_by_index(&mut host, l.index);
         }
     }
     Ok(())

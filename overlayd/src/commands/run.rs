@@ -91,10 +91,16 @@ pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
 
 async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     let health = Arc::new(Health::new());
+    health.set_settings(health::Settings {
+        lease_only: args.lease_only,
+        etcd_heard_within: args.etcd_heard_within,
+    });
     if let Some(addr) = args.metrics_addr {
         tokio::spawn(health::serve(addr, health.clone()));
     }
     let reg = connect(&args.etcd).await?;
+    health.set_etcd(&reg);
+    health::etcd_contact::spawn(reg.clone(), health.clone(), args.etcd_heard_within);
     info!(
         endpoints = reg.endpoints(),
         prefix = reg.keys.prefix(),
@@ -119,6 +125,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         vtep_mac = %node.vtep_mac,
         "node identity"
     );
+    health.set_node(&node);
 
     let previous = match SubnetFile::read(&args.node.subnet_file) {
         Ok(f) if f.network == cfg.network => Some(f.subnet),
@@ -143,6 +150,13 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         .backend
         .mtu
         .unwrap_or_else(|| node.iface_mtu.saturating_sub(VXLAN_OVERHEAD));
+    health.set_config(
+        &cfg,
+        mtu,
+        args.ip_masq,
+        args.lease_ttl,
+        args.resync_interval,
+    );
     let subnet_file = SubnetFile {
         network: cfg.network,
         subnet: acquired.subnet,
@@ -164,7 +178,10 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut dp = Dataplane::new(handle.clone(), plan);
         dp.ensure_sysctls().await?;
         dp.ensure_devices().await?;
-        dp.ensure_iptables().await?;
+        health.set_devices(handle.clone(), dp.plan());
+        let installed = dp.ensure_iptables().await;
+        health.record_iptables(&installed);
+        installed?;
         Some(dp)
     };
     // Written only once the bridge and VTEP exist: the plugin takes the file as "ready".
@@ -180,7 +197,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
-    health.set_leased(true);
+    health.set_lease(&acquired);
     supervise(
         &reg,
         &node,
@@ -284,6 +301,7 @@ async fn supervise(
                                 if let Some(k) = keeper.take() { k.abort(); }
                                 keeper = spawn_keepalive(reg, &a, args.lease_ttl);
                             }
+                            health.set_lease(&a);
                             acquired = a;
                             info!("subnet {subnet} is this node's again");
                         }
@@ -293,10 +311,12 @@ async fn supervise(
             }
             _ = keeper_done => {
                 keeper = None;
+                health.lease_lost();
                 warn!("etcd says this node's lease for {subnet} expired; leasing the same subnet again");
                 match reassert_until_done(reg, subnet, req).await {
                     Ok(a) => {
                         keeper = spawn_keepalive(reg, &a, args.lease_ttl);
+                        health.set_lease(&a);
                         acquired = a;
                         info!("subnet {subnet} is this node's again");
                     }
@@ -310,7 +330,9 @@ async fn supervise(
             }
             _ = iptables_tick.tick() => {
                 if let Some(dp) = dataplane.as_deref_mut() {
-                    match dp.ensure_iptables().await {
+                    let checked = dp.ensure_iptables().await;
+                    health.record_iptables(&checked);
+                    match checked {
                         Ok(_) => last_iptables_error.clear(),
                         Err(e) if e.to_string() != last_iptables_error => {
                             error!("{e}; checking again every {:?}", iptables_tick.period());
@@ -326,15 +348,21 @@ async fn supervise(
             continue; // nothing listed yet: never remove peers on an empty view
         }
         if let Some(dp) = dataplane.as_deref_mut() {
-            match dp.reconcile(&latest).await {
-                Ok(changes) => {
+            let pass = dp.reconcile(&latest).await;
+            health.record_pass(
+                &latest,
+                dp.peers(),
+                dp.failures().current(),
+                pass.as_ref()
+                    .map(|c| *c)
+                    .map_err(|e| e as &dyn std::fmt::Display),
+            );
+            match pass {
+                Ok(_) => {
                     if !last_error.is_empty() {
                         info!("data plane recovered");
                         last_error.clear();
                     }
-                    health.count_changes(changes.added, changes.removed);
-                    health.peers.set(dp.peer_count() as i64);
-                    health.set_dataplane_ok(true);
                 }
                 Err(e) => {
                     let msg = e.to_string();
@@ -345,8 +373,6 @@ async fn supervise(
                         );
                         last_error = msg;
                     }
-                    health.errors.inc();
-                    health.set_dataplane_ok(false);
                 }
             }
         }

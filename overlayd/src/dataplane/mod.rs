@@ -153,6 +153,8 @@ pub struct Dataplane {
     /// so a malformed lease is warned about once, not on every pass.
     peers: Vec<Peer>,
     peers_revision: i64,
+    /// Peers whose programming failed, retried with backoff while the others go on.
+    failures: peers::Failures,
 }
 
 impl Dataplane {
@@ -163,6 +165,7 @@ impl Dataplane {
             iptables: None,
             peers: Vec::new(),
             peers_revision: -1,
+            failures: peers::Failures::default(),
         }
     }
 
@@ -213,7 +216,17 @@ impl Dataplane {
             self.peers_revision = set.revision;
         }
         let dev = self.ensure_devices().await?;
-        peers::reconcile(&self.handle, dev, &self.peers).await
+        peers::reconcile(&self.handle, dev, &self.peers, &mut self.failures).await
+    }
+
+    /// What the last pass could not program, and why (each retried with backoff).
+    pub fn failures(&self) -> &peers::Failures {
+        &self.failures
+    }
+
+    /// The peers the last pass programmed (or tried to).
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
     }
 
     /// How many other nodes the last pass routed to.

@@ -5,9 +5,14 @@
 //! Per peer (flannel's vxlan design): ARP `<subnet>.0 → VtepMAC` on the VTEP, FDB `VtepMAC → PublicIP`
 //! on the VTEP, then the route `<subnet> via <subnet>.0 dev overlay.<VNI> onlink`. Written in that
 //! order so the route never points at an unresolvable next hop.
+//!
+//! A kernel error on one peer (or one stale entry) never stops the pass: the others are still
+//! programmed, the failure is logged once per peer and error, counted, and retried with a capped
+//! backoff ([`Failures`]), so one bad lease cannot cut a node off from the rest of the cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
@@ -19,9 +24,10 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::DataplaneError;
+use crate::backoff::Backoff;
 use crate::netlink;
 use crate::node::Mac;
 
@@ -53,6 +59,72 @@ pub struct Devices {
 pub struct Changes {
     pub added: usize,
     pub removed: usize,
+    /// Writes or removals that failed in this pass.
+    pub errors: usize,
+    /// Peers (or stale entries) still not right after this pass, waiting for a retry.
+    pub failing: usize,
+}
+
+/// First and longest wait before a failed peer is tried again.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// What failed, keyed by what it concerns (`peer <subnet>`, `removing …`), and when to try again.
+#[derive(Debug, Default)]
+pub struct Failures {
+    by_key: BTreeMap<String, Failure>,
+}
+
+#[derive(Debug)]
+struct Failure {
+    backoff: Backoff,
+    retry_at: Instant,
+    last_error: String,
+    attempts: u32,
+}
+
+impl Failures {
+    fn waiting(&self, key: &str, now: Instant) -> bool {
+        self.by_key.get(key).is_some_and(|f| f.retry_at > now)
+    }
+
+    fn failed(&mut self, key: &str, e: &DataplaneError, now: Instant) {
+        let f = self
+            .by_key
+            .entry(key.to_string())
+            .or_insert_with(|| Failure {
+                backoff: Backoff::new(RETRY_FIRST, RETRY_CAP),
+                retry_at: now,
+                last_error: String::new(),
+                attempts: 0,
+            });
+        let delay = f.backoff.next_delay();
+        f.retry_at = now + delay;
+        f.attempts += 1;
+        let msg = e.to_string();
+        if msg != f.last_error {
+            warn!("{key}: {msg}; the other peers are unaffected; retrying this one with backoff (up to every {RETRY_CAP:?})");
+            f.last_error = msg;
+        }
+    }
+
+    fn succeeded(&mut self, key: &str) {
+        if let Some(f) = self.by_key.remove(key) {
+            info!("{key}: programmed after {} failed attempts", f.attempts);
+        }
+    }
+
+    /// What is failing now (`peer <subnet>`, `removing …`) with its last error, for /status.
+    pub fn current(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_key
+            .iter()
+            .map(|(k, f)| (k.as_str(), f.last_error.as_str()))
+    }
+
+    /// Forgets what no longer exists (a peer whose lease went, an entry already gone).
+    fn retain(&mut self, keys: &BTreeSet<String>) {
+        self.by_key.retain(|k, _| keys.contains(k));
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +138,13 @@ pub async fn reconcile(
     handle: &Handle,
     dev: Devices,
     peers: &[Peer],
+    failures: &mut Failures,
 ) -> Result<Changes, DataplaneError> {
     let mut changes = Changes::default();
+    let now = Instant::now();
+    // Everything tried in this pass; failures of anything else are forgotten at the end.
+    let mut tried = BTreeSet::new();
+    let mut stale_neighbours = Vec::new();
     let tunneled: Vec<&Peer> = peers.iter().filter(|p| !p.direct).collect();
 
     // ARP: <subnet>.0 → MAC on the VTEP.
@@ -85,8 +162,7 @@ pub async fn reconcile(
             }
             Some(_) => {} // wrong MAC or state: replaced below
             None if msg.header.state == NeighbourState::Permanent => {
-                delete_neighbour(handle, msg, &format!("ARP entry {ip}")).await?;
-                changes.removed += 1;
+                stale_neighbours.push((msg, format!("ARP entry {ip}")));
             }
             None => {}
         }
@@ -110,10 +186,7 @@ pub async fn reconcile(
             Some(ip) if *ip == dst => {
                 fdb_ok.insert(mac);
             }
-            _ => {
-                delete_neighbour(handle, msg, &format!("FDB entry {mac} → {dst}")).await?;
-                changes.removed += 1;
-            }
+            _ => stale_neighbours.push((msg, format!("FDB entry {mac} → {dst}"))),
         }
     }
 
@@ -147,87 +220,155 @@ pub async fn reconcile(
             _ => stale_routes.push(r),
         }
     }
+    for (msg, what) in stale_neighbours {
+        let key = format!("removing {what}");
+        if failures.waiting(&key, now) {
+            tried.insert(key);
+            changes.failing += 1;
+            continue;
+        }
+        let r = delete_neighbour(handle, msg, &what).await;
+        changes.note(failures, &mut tried, &key, now, r.map(|()| 1), false);
+    }
     for r in stale_routes {
         let dst = describe_route(&r)
             .0
             .map_or_else(|| "an unknown destination".to_string(), |d| d.to_string());
-        match handle.route().del(r).execute().await {
-            Ok(()) => {}
-            Err(e) if netlink::is_errno(&e, netlink::ESRCH) => {} // already gone
-            Err(e) => {
-                return Err(DataplaneError::netlink(
-                    format!("removing route to {dst:?}"),
-                    e,
-                ))
-            }
+        let key = format!("removing route to {dst}");
+        if failures.waiting(&key, now) {
+            tried.insert(key);
+            changes.failing += 1;
+            continue;
         }
-        info!("removed route to {dst}");
-        changes.removed += 1;
+        let result = match handle.route().del(r).execute().await {
+            Ok(()) => {
+                info!("removed route to {dst}");
+                Ok(1)
+            }
+            Err(e) if netlink::is_errno(&e, netlink::ESRCH) => Ok(0), // already gone
+            Err(e) => Err(DataplaneError::netlink(
+                format!("removing route to {dst}"),
+                e,
+            )),
+        };
+        changes.note(failures, &mut tried, &key, now, result, false);
     }
 
     for p in peers {
-        if !p.direct {
-            if !arp_ok.contains(&p.vtep_ip()) {
-                handle
-                    .neighbours()
-                    .add(dev.vtep, IpAddr::V4(p.vtep_ip()))
-                    .link_layer_address(&p.mac.0)
-                    .state(NeighbourState::Permanent)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        DataplaneError::netlink(format!("adding ARP entry for {}", p.subnet), e)
-                    })?;
-                changes.added += 1;
-            }
-            if !fdb_ok.contains(&p.mac) {
-                handle
-                    .neighbours()
-                    .add_bridge(dev.vtep, &p.mac.0)
-                    .destination(IpAddr::V4(p.public_ip))
-                    .flags(NeighbourFlags::Own)
-                    .state(NeighbourState::Permanent)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        DataplaneError::netlink(format!("adding FDB entry for {}", p.subnet), e)
-                    })?;
-                changes.added += 1;
-            }
+        let key = format!("peer {}", p.subnet);
+        if failures.waiting(&key, now) {
+            tried.insert(key);
+            changes.failing += 1;
+            continue;
         }
-        if !routes_ok.contains(&p.subnet) {
-            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(p.subnet.network(), p.subnet.prefix())
-                .protocol(ROUTE_PROTOCOL)
-                .scope(RouteScope::Universe);
-            b = if p.direct {
-                b.gateway(p.public_ip).output_interface(dev.underlay)
-            } else {
-                b.gateway(p.vtep_ip()).output_interface(dev.vtep).onlink()
-            };
-            handle
-                .route()
-                .add(b.build())
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| DataplaneError::netlink(format!("adding route to {}", p.subnet), e))?;
-            changes.added += 1;
-            info!(
-                subnet = %p.subnet,
-                public_ip = %p.public_ip,
-                vtep_mac = %p.mac,
-                direct = p.direct,
-                "programmed peer"
-            );
-        }
+        let result = program(handle, dev, p, &arp_ok, &fdb_ok, &routes_ok).await;
+        changes.note(failures, &mut tried, &key, now, result, true);
     }
+    failures.retain(&tried);
     if changes != Changes::default() {
         debug!(?changes, "peers reconciled");
     }
     Ok(changes)
+}
+
+impl Changes {
+    /// Books the outcome of one write (`n` entries changed) and keeps `failures` up to date.
+    fn note(
+        &mut self,
+        failures: &mut Failures,
+        tried: &mut BTreeSet<String>,
+        key: &str,
+        now: Instant,
+        result: Result<usize, DataplaneError>,
+        adds: bool,
+    ) {
+        tried.insert(key.to_string());
+        match result {
+            Ok(n) => {
+                if adds {
+                    self.added += n;
+                } else {
+                    self.removed += n;
+                }
+                failures.succeeded(key);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.failing += 1;
+                failures.failed(key, &e, now);
+            }
+        }
+    }
+}
+
+/// Writes whatever of `p`'s ARP, FDB and route entries is missing or wrong. Returns how many.
+async fn program(
+    handle: &Handle,
+    dev: Devices,
+    p: &Peer,
+    arp_ok: &BTreeSet<Ipv4Addr>,
+    fdb_ok: &BTreeSet<Mac>,
+    routes_ok: &BTreeSet<Ipv4Network>,
+) -> Result<usize, DataplaneError> {
+    let mut added = 0;
+    if !p.direct {
+        if !arp_ok.contains(&p.vtep_ip()) {
+            handle
+                .neighbours()
+                .add(dev.vtep, IpAddr::V4(p.vtep_ip()))
+                .link_layer_address(&p.mac.0)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    DataplaneError::netlink(format!("adding ARP entry for {}", p.subnet), e)
+                })?;
+            added += 1;
+        }
+        if !fdb_ok.contains(&p.mac) {
+            handle
+                .neighbours()
+                .add_bridge(dev.vtep, &p.mac.0)
+                .destination(IpAddr::V4(p.public_ip))
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    DataplaneError::netlink(format!("adding FDB entry for {}", p.subnet), e)
+                })?;
+            added += 1;
+        }
+    }
+    if !routes_ok.contains(&p.subnet) {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(p.subnet.network(), p.subnet.prefix())
+            .protocol(ROUTE_PROTOCOL)
+            .scope(RouteScope::Universe);
+        b = if p.direct {
+            b.gateway(p.public_ip).output_interface(dev.underlay)
+        } else {
+            b.gateway(p.vtep_ip()).output_interface(dev.vtep).onlink()
+        };
+        handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| DataplaneError::netlink(format!("adding route to {}", p.subnet), e))?;
+        added += 1;
+        info!(
+            subnet = %p.subnet,
+            public_ip = %p.public_ip,
+            vtep_mac = %p.mac,
+            direct = p.direct,
+            "programmed peer"
+        );
+    }
+    Ok(added)
 }
 
 /// The routes overlayd owns (marked with [`ROUTE_PROTOCOL`]), with their destination and next hop.

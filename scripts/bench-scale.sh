@@ -1,0 +1,302 @@
+#!/usr/bin/env bash
+# Scale: one real overlayd in a lab node namespace against a real etcd holding N simulated peer
+# leases (scripts/lib/scale_peers.py), measured against the targets of issue 13.
+#
+#   scripts/bench-scale.sh [cold [N ...]] [churn] [idle [SECONDS]] [etcd [SECONDS]]
+#       default: cold 1000 5000 10000 20000, churn, idle 300, etcd 60
+#
+# cold   time from the daemon's "leased subnet" log line until every peer's route (written after its
+#        ARP and FDB entries) is in the kernel, and the daemon's RSS then; target <= 1 s and
+#        <= 20 MB at 10 000 peers, both growing linearly
+# churn  200 lease deletes/puts per second for 30 s against 5 000 peers: etcd-to-kernel latency
+#        (p50, p99; target p99 <= 20 ms), then kernel state against etcd (0 missing, 0 stale)
+# idle   10 000 peers, neighbour churn on the underlay, 50 pod veths made and removed per minute,
+#        20 000 nat rules: the daemon's CPU over SECONDS; target <= 0.5% of one core
+# etcd   requests etcd served for this one node per minute at steady state (etcd's /metrics)
+#
+# Everything lives in namespaces named obsc-*, removed on exit; peers' PublicIPs are in RFC 2544's
+# benchmarking range 198.18.0.0/15 and the node has no route out of the lab. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+P=obsc
+STATE=$(mktemp -d /tmp/obsc.XXXXXX)
+PREFIX=/coreos.com/network
+ETCD_IP=192.0.2.254
+NODE_IP=192.0.2.10
+[[ $(id -u) == 0 ]] || { echo "bench-scale: needs root" >&2; exit 1; }
+
+cleanup() {
+  local ns pid
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$P-" || true); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$STATE"
+}
+trap cleanup EXIT
+
+. scripts/lib/deps.sh
+. scripts/lib/build.sh
+ensure_rust
+ensure_deps
+BIN=${OVERLAY_BIN_DIR:-$ROOT/target/release}
+if [[ -z ${OVERLAY_BIN_DIR:-} ]]; then
+  echo "==> building overlayd (release)"
+  build_release
+fi
+
+cleanup
+STATE=$(mktemp -d /tmp/obsc.XXXXXX)
+ip netns add $P-ul
+ip -n $P-ul link set lo up
+ip -n $P-ul link add br0 type bridge
+ip -n $P-ul addr add $ETCD_IP/24 dev br0
+ip -n $P-ul link set br0 up
+PORT=$((20000 + RANDOM % 20000))
+ENDPOINT=http://$ETCD_IP:$PORT
+ip netns exec $P-ul setsid etcd --name scale --data-dir "$STATE/etcd" --quota-backend-bytes 4294967296 \
+  --listen-client-urls "$ENDPOINT" --advertise-client-urls "$ENDPOINT" \
+  --listen-peer-urls "http://127.0.0.1:$((PORT + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((PORT + 1))" \
+  --initial-cluster "scale=http://127.0.0.1:$((PORT + 1))" >"$STATE/etcd.log" 2>&1 </dev/null &
+disown # killed by cleanup; no "Killed" notice
+ctl() { ip netns exec $P-ul env ETCDCTL_API=3 etcdctl --endpoints="$ENDPOINT" "$@"; }
+for _ in $(seq 1 100); do ctl endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
+ctl put $PREFIX/config '{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}' >/dev/null
+peers() { ip netns exec $P-ul python3 scripts/lib/scale_peers.py "$ENDPOINT" "$PREFIX" "$@"; }
+
+# node_up: a fresh node namespace on the underlay (empty kernel tables), daemon started.
+DAEMON_PID=
+node_up() {
+  node_down
+  ip netns add $P-n
+  ip -n $P-n link set lo up
+  ip link add $P-v netns $P-ul type veth peer name eth0 netns $P-n
+  ip -n $P-ul link set $P-v master br0 up
+  ip -n $P-n addr add $NODE_IP/24 dev eth0
+  ip -n $P-n link set eth0 up
+  ip -n $P-n route add default via $ETCD_IP
+  : >"$STATE/overlayd.log"
+  ip netns exec $P-n setsid "$BIN/overlayd" run --etcd-endpoints "$ENDPOINT" --node-name bench \
+    --subnet-file "$STATE/subnet.env" --cni-data-dir "$STATE/ipam" "$@" \
+    >"$STATE/overlayd.log" 2>&1 </dev/null &
+  DAEMON_PID=$!
+}
+node_down() {
+  if [[ -n $DAEMON_PID ]]; then kill -9 "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" 2>/dev/null || true; fi
+  DAEMON_PID=
+  ip netns del $P-n 2>/dev/null || true
+  rm -f "$STATE/subnet.env"
+}
+routes() { ip -n $P-n route show proto 76 | wc -l; }
+routes_at_least() { test "$(routes)" -ge "$1"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' /proc/"$DAEMON_PID"/status; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' /proc/"$DAEMON_PID"/status; }
+cpu_ticks() { awk '{print $14 + $15}' /proc/"$DAEMON_PID"/stat; }
+log_time() { # unix time of the first log line containing $1 (tracing's RFC 3339 timestamps)
+  local line
+  line=$(grep -m1 -- "$1" "$STATE/overlayd.log" | awk '{print $1}')
+  [[ -n $line ]] && date -d "$line" +%s.%N
+}
+wait_until() { # wait_until SECONDS CMD...: poll every 20 ms
+  local end=$((SECONDS + $1)); shift
+  until "$@"; do ((SECONDS < end)) || return 1; sleep 0.02; done
+}
+
+declare -a SUMMARY
+say() { SUMMARY+=("$1"); echo "$1"; }
+
+cold() {
+  local n t_lease t_done secs rss hwm arp fdb
+  echo "==> cold start: peers programmed after the lease, and RSS"
+  printf '%8s %10s %12s %10s %10s %14s\n' peers seconds "ms/1000" "RSS MB" "peak MB" "KB RSS/peer"
+  for n in "$@"; do
+    ctl del --prefix $PREFIX/subnets/ >/dev/null
+    peers put "$n"
+    node_up
+    wait_until 120 grep -q "leased subnet" "$STATE/overlayd.log" || { tail "$STATE/overlayd.log"; return 1; }
+    wait_until 300 routes_at_least "$n" || { echo "only $(routes) of $n routes"; return 1; }
+    t_done=$(date +%s.%N)
+    t_lease=$(log_time "leased subnet")
+    sleep 1 # let the pass that wrote the last route finish before reading memory
+    rss=$(rss_kb)
+    hwm=$(hwm_kb)
+    arp=$(ip -n $P-n neigh show dev overlay.1 nud permanent | wc -l)
+    fdb=$(bridge -n $P-n fdb show dev overlay.1 | grep -c " dst " || true)
+    secs=$(python3 -c "print(f'{$t_done - $t_lease:.2f}')")
+    printf '%8d %10s %12s %10s %10s %14s   (arp %d, fdb %d)\n' "$n" "$secs" \
+      "$(python3 -c "print(f'{($t_done - $t_lease) * 1000 / ($n / 1000):.0f}')")" \
+      "$(python3 -c "print(f'{$rss / 1024:.1f}')")" "$(python3 -c "print(f'{$hwm / 1024:.1f}')")" \
+      "$(python3 -c "print(f'{$rss / $n:.2f}')")" "$arp" "$fdb"
+    if [[ $n == 10000 || $n == 5000 ]]; then
+      say "cold start $n peers: $secs s (target <= 1 s at 10000), RSS $(python3 -c "print(f'{$rss / 1024:.1f}')") MB, peak $(python3 -c "print(f'{$hwm / 1024:.1f}')") MB (target <= 20 MB at 10000)"
+    fi
+    node_down
+  done
+}
+
+churn() {
+  local n=5000 rate=200 secs=30
+  echo "==> churn: $rate deletes/puts per second for $secs s against $n peers"
+  ctl del --prefix $PREFIX/subnets/ >/dev/null
+  peers put "$n"
+  node_up
+  wait_until 120 grep -q "leased subnet" "$STATE/overlayd.log"
+  wait_until 300 routes_at_least "$n"
+  sleep 2
+  ip netns exec $P-n ip -ts monitor route >"$STATE/monitor.log" 2>&1 &
+  local mon=$!
+  sleep 0.5
+  peers churn "$rate" "$secs" 0 "$n" >"$STATE/churn.log"
+  sleep 2
+  kill "$mon" 2>/dev/null || true
+  wait "$mon" 2>/dev/null || true
+  python3 - "$STATE/churn.log" "$STATE/monitor.log" >"$STATE/churn.out" <<'PY'
+import sys, re, datetime
+ops = [l.split() for l in open(sys.argv[1])]
+kernel = {}  # (op, subnet) -> list of kernel times, in order
+for line in open(sys.argv[2]):
+    m = re.match(r"\[([0-9T:.\-]+)\]\s*(Deleted )?(\d+\.\d+\.\d+\.\d+/\d+) ", line)
+    if not m:
+        continue
+    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+    kernel.setdefault(("del" if m.group(2) else "put", m.group(3)), []).append(t)
+lat, missing = [], 0
+for t, op, subnet in ops:
+    ts = [k for k in kernel.get((op, subnet), []) if k >= float(t) - 0.001]
+    if not ts:
+        missing += 1
+        continue
+    lat.append((ts[0] - float(t)) * 1000)
+    kernel[(op, subnet)].remove(ts[0])
+lat.sort()
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+print(f"churn: {len(ops)} operations, {len(lat)} seen in the kernel, {missing} not seen; "
+      f"etcd-to-kernel latency p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {lat[-1] if lat else 0:.1f} ms (target p99 <= 20 ms)")
+PY
+  local want have
+  want=$(ctl get --prefix $PREFIX/subnets/ --keys-only | grep -v '^$' | sed 's#.*/##; s#-#/#' | sort)
+  have=$(ip -n $P-n route show proto 76 | awk '{print $1}' | sort)
+  local own
+  own=$(awk -F= '/OVERLAY_SUBNET/ {print $2}' "$STATE/subnet.env" | python3 -c "import ipaddress,sys; print(ipaddress.ip_interface(sys.stdin.read().strip()).network)")
+  want=$(grep -vx "$own" <<<"$want")
+  local miss stale
+  miss=$(comm -23 <(echo "$want") <(echo "$have") | grep -c . || true)
+  stale=$(comm -13 <(echo "$want") <(echo "$have") | grep -c . || true)
+  say "$(grep -m1 '^churn:' "$STATE/churn.out" 2>/dev/null || true)"
+  say "churn end state: $miss missing, $stale stale routes (target 0 and 0)"
+  node_down
+}
+
+idle() {
+  local secs=${1:-300} n=10000
+  echo "==> idle: $n peers, noisy underlay, pod veths, 20000 nat rules, $secs s"
+  ctl del --prefix $PREFIX/subnets/ >/dev/null
+  peers put "$n"
+  node_up
+  wait_until 120 grep -q "leased subnet" "$STATE/overlayd.log"
+  wait_until 300 routes_at_least "$n"
+  # kube-proxy-sized nat table: 20 000 rules in chains of its shape (KUBE-SVC-*, KUBE-SEP-*).
+  python3 - >"$STATE/nat.rules" <<'PY'
+print("*nat")
+print(":KUBE-SERVICES - [0:0]")
+for i in range(5000):
+    print(f":KUBE-SVC-{i:012d} - [0:0]")
+    print(f":KUBE-SEP-{i:012d} - [0:0]")
+print("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES")
+for i in range(5000):
+    a, b = divmod(i, 250)
+    print(f"-A KUBE-SERVICES -d 172.20.{a}.{b + 1}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i:012d}")
+    print(f"-A KUBE-SVC-{i:012d} -j KUBE-SEP-{i:012d}")
+    print(f"-A KUBE-SEP-{i:012d} -s 10.9.{a}.{b + 1}/32 -j MARK --set-xmark 0x4000/0x4000")
+    print(f"-A KUBE-SEP-{i:012d} -p tcp -m tcp -j DNAT --to-destination 10.9.{a}.{b + 1}:80")
+print("COMMIT")
+PY
+  ip netns exec $P-n iptables-restore --noflush <"$STATE/nat.rules"
+  sleep 6 # one iptables check period, so the first check of the big table is in the baseline too
+  # Noise: neighbour churn on the underlay and 50 pod veths a minute on the node.
+  (
+    end=$((SECONDS + secs)) k=0
+    while ((SECONDS < end)); do
+      k=$((k + 1))
+      ip -n $P-n neigh replace 192.0.2.$((100 + k % 100)) lladdr 02:00:00:00:$((k % 100 / 10)):$((k % 10)) dev eth0 nud reachable 2>/dev/null || true
+      if ((k % 6 == 0)); then
+        ip -n $P-n link add obscv$((k % 50)) type veth peer name obscp$((k % 50)) 2>/dev/null || true
+        ip -n $P-n link set obscv$((k % 50)) master cni0 up 2>/dev/null || true
+        ip -n $P-n link del obscv$(((k + 25) % 50)) 2>/dev/null || true
+      fi
+      sleep 0.2
+    done
+  ) &
+  local noise=$! t0 c0 c1
+  t0=$(date +%s.%N)
+  c0=$(cpu_ticks)
+  sleep "$secs"
+  c1=$(cpu_ticks)
+  wait "$noise" 2>/dev/null || true
+  local hz
+  hz=$(getconf CLK_TCK)
+  say "idle $n peers, $secs s with noise: overlayd CPU $(python3 -c "print(f'{($c1 - $c0) / $hz / ($(date +%s.%N) - $t0) * 100:.2f}')")% of one core (target <= 0.5%)"
+  node_down
+}
+
+etcd_requests() {
+  local secs=${1:-60}
+  echo "==> etcd requests at steady state, $secs s"
+  ctl del --prefix $PREFIX/subnets/ >/dev/null
+  peers put 100
+  node_up
+  wait_until 120 grep -q "leased subnet" "$STATE/overlayd.log"
+  sleep 5
+  metrics() { ip netns exec $P-ul curl -s "$ENDPOINT/metrics" 2>/dev/null || ip netns exec $P-ul python3 -c "import urllib.request;print(urllib.request.urlopen('$ENDPOINT/metrics').read().decode())"; }
+  metrics >"$STATE/m0"
+  sleep "$secs"
+  metrics >"$STATE/m1"
+  python3 - "$STATE/m0" "$STATE/m1" "$secs" >"$STATE/etcd.out" <<'PY'
+import re, sys
+def read(p):
+    out = {}
+    for l in open(p):
+        m = re.match(r'grpc_server_(started|handled|msg_received)_total\{(.*)\} ([0-9.e+]+)', l)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            k = (m.group(1), labels.get("grpc_method"), labels.get("grpc_type"))
+            out[k] = out.get(k, 0) + float(m.group(3))
+    return out
+a, b, secs = read(sys.argv[1]), read(sys.argv[2]), float(sys.argv[3])
+methods = sorted({k[1] for k in b})
+rate, streams = [], []
+for meth in methods:
+    typ = next(k[2] for k in b if k[1] == meth)
+    got = b.get(("msg_received", meth, typ), 0) - a.get(("msg_received", meth, typ), 0)
+    if got:
+        rate.append(f"{meth} {got * 60 / secs:.1f}")
+    if typ != "unary":
+        open_ = b.get(("started", meth, typ), 0) - b.get(("handled", meth, typ), 0)
+        if open_:
+            streams.append(f"{meth} {open_:.0f}")
+print("etcd, one node at steady state: requests/messages per minute: " + (", ".join(rate) or "none")
+      + "; streams open: " + (", ".join(streams) or "none"))
+PY
+  say "$(cat "$STATE/etcd.out")"
+  node_down
+}
+
+modes=("$@")
+[[ ${#modes[@]} -gt 0 ]] || modes=(cold 1000 5000 10000 20000 churn idle 300 etcd 60)
+i=0
+while ((i < ${#modes[@]})); do
+  m=${modes[$i]}; i=$((i + 1))
+  args=()
+  while ((i < ${#modes[@]})) && [[ ${modes[$i]} =~ ^[0-9]+$ ]]; do args+=("${modes[$i]}"); i=$((i + 1)); done
+  case $m in
+    cold) ((${#args[@]})) || args=(1000 5000 10000 20000); cold "${args[@]}" ;;
+    churn) churn ;;
+    idle) idle "${args[@]}" ;;
+    etcd) etcd_requests "${args[@]}" ;;
+    *) echo "unknown mode $m (cold, churn, idle, etcd)" >&2; exit 2 ;;
+  esac
+done
+echo
+echo "==> summary"
+printf '%s\n' "${SUMMARY[@]}"
