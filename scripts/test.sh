@@ -33,6 +33,11 @@ else
   echo "static release plugin: FAILED (build or start of $plugin)"
   status=1
 fi
+# The plugin's input parser under libFuzzer for a short while (scripts/fuzz.sh for longer runs).
+echo "==> fuzz: the plugin's input parsing, ${OVERLAY_FUZZ_SECONDS:-45}s"
+if ! bash scripts/fuzz.sh "${OVERLAY_FUZZ_SECONDS:-45}"; then
+  status=1
+fi
 # Every manifest against the API schemas of each Kubernetes version EKS supports.
 echo "==> manifests (kubernetes-validate --strict)"
 scripts/validate-manifests.sh || status=1

@@ -155,8 +155,10 @@ pub struct RunArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub node: NodeArgs,
-    /// TTL of the etcd lease behind this node's subnet; kept alive while the daemon runs.
-    #[arg(long, env = "OVERLAYD_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    /// TTL of the etcd lease behind this node's subnet; kept alive while the daemon runs. Also how
+    /// long a node may be cut off from etcd before its subnet can go to another node, and how long
+    /// a terminated node's subnet stays out of the pool.
+    #[arg(long, env = "OVERLAYD_LEASE_TTL", default_value = "1h", value_parser = parse_duration)]
     pub lease_ttl: Duration,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "OVERLAYD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]

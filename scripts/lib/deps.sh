@@ -4,6 +4,7 @@
 # Debian package providing each command we need.
 OVERLAY_DEPS=(
   "cc:gcc"                       # the linker rustc calls, and ring's C code (TLS to etcd)
+  "c++:g++"                      # libFuzzer (the fuzz target, scripts/fuzz.sh) is C++
   "protoc:protobuf-compiler"     # etcd-client compiles etcd's protos at build time...
   "/usr/include/google/protobuf/descriptor.proto:libprotobuf-dev"  # ...which import these
   "etcd:etcd-server"             # the real etcd the tests and the lab run
@@ -79,4 +80,11 @@ ensure_rust() {
     cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
     cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   fi
+}
+
+# cargo-fuzz (scripts/fuzz.sh) from crates.io, built once into ~/.cargo/bin.
+ensure_cargo_fuzz() {
+  cargo fuzz --version >/dev/null 2>&1 && return 0
+  echo "==> installing cargo-fuzz (cargo install, once)"
+  cargo install cargo-fuzz --locked -q
 }

@@ -79,6 +79,8 @@ struct Known {
     repairs: RepairsReport,
     recent_repairs: VecDeque<(Instant, String)>,
     ipam: Option<(PathBuf, Ipv4Network)>,
+    /// Why this node refuses to go on (its subnet held by another node), while it does.
+    refused: Option<String>,
 }
 
 struct EtcdState {
@@ -201,6 +203,11 @@ impl Health {
             l.ttl_left_seconds = Some(0);
         }
         self.metrics.lease_ttl.set(0);
+    }
+
+    /// Not ready with `why` (this node's subnet is held by another node), until called with `None`.
+    pub fn set_refused(&self, why: Option<String>) {
+        self.known().refused = why;
     }
 
     /// The lease to check the TTL of, if any.

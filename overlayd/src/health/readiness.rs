@@ -31,6 +31,7 @@ pub async fn checks(h: &Health) -> Vec<Check> {
             .as_ref()
             .map_or(DEFAULT_ETCD_HEARD_WITHIN, |s| s.etcd_heard_within);
         let lease = match &k.lease {
+            _ if k.refused.is_some() => Err(k.refused.clone().unwrap_or_default()),
             None => Err("no subnet leased yet (see the log for why)".to_string()),
             Some(l) if !l.held => Err(format!(
                 "etcd says the lease of {} expired; leasing the same subnet again",
