@@ -29,6 +29,9 @@ pub enum Command {
     /// What the local daemon knows (its /status: readiness, lease, peers, repairs); when it is
     /// down, what this node shows without it (subnet file, pod addresses, routes, etcd).
     Status(StatusArgs),
+    /// Check this node for every pitfall we know: PASS/WARN/FAIL per check with the fix; exit 1 on
+    /// a FAIL. Run it on the node or in the DaemonSet's pod (`kubectl exec … overlayd doctor`).
+    Doctor(DoctorArgs),
     /// Give this node's subnet back (decommissioning): revoke the etcd lease, remove the subnet file.
     Release(ReleaseArgs),
     /// Remove overlayd's data plane from this node: VTEP, bridge, routes, iptables chains and the
@@ -189,6 +192,43 @@ pub struct StatusArgs {
     /// environment already has it); a wildcard address means loopback.
     #[arg(long, env = "OVERLAYD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
     pub metrics_addr: std::net::SocketAddr,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// The local daemon's --metrics-addr, where its /status is read; a wildcard means loopback.
+    #[arg(long, env = "OVERLAYD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// The CNI config directory the container runtime reads.
+    #[arg(long, env = "OVERLAYD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Where the runtime looks for CNI plugin binaries.
+    #[arg(long, env = "OVERLAYD_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// kubelet config files to read maxPods from, the first that exists (with its `.d/` drop-ins):
+    /// where EKS AMIs put them (AL2, then AL2023). Repeat the flag to replace the list.
+    #[arg(
+        long,
+        env = "OVERLAYD_KUBELET_CONFIG",
+        value_delimiter = ',',
+        default_value = "/etc/kubernetes/kubelet/kubelet-config.json,/etc/kubernetes/kubelet/config.json"
+    )]
+    pub kubelet_config: Vec<PathBuf>,
+    /// The pods' bridge.
+    #[arg(long, env = "OVERLAYD_BRIDGE", default_value = "cni0")]
+    pub bridge: String,
+    /// Where to look for a running aws-node (`aws-k8s-agent`): the host's /proc.
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
+    /// aws-node's state directory, for its leftovers.
+    #[arg(long, default_value = "/var/run/aws-node")]
+    pub aws_node_state_dir: PathBuf,
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
 }

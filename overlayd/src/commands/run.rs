@@ -208,7 +208,16 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
     health.set_lease(&acquired);
-    supervise(&reg, &req, acquired, &args, dataplane.as_mut(), health).await
+    supervise(
+        &reg,
+        &cfg,
+        &req,
+        acquired,
+        &args,
+        dataplane.as_mut(),
+        health,
+    )
+    .await
 }
 
 /// How often a refused subnet (held by another node) is checked again.
@@ -362,6 +371,7 @@ async fn guard_lease(
 /// the data plane equal to the leases.
 async fn supervise(
     reg: &Registry,
+    cfg: &NetworkConfig,
     req: &AcquireRequest,
     acquired: Acquired,
     args: &RunArgs,
@@ -370,6 +380,13 @@ async fn supervise(
 ) -> anyhow::Result<ExitCode> {
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
     let _follower = Task(tokio::spawn(registry::watch::follow(reg.clone(), tx)));
+    // The config as running; only Backend.DirectRouting changes are applied live.
+    let mut running = cfg.clone();
+    let (cfg_tx, mut cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+    let _cfg_follower = Task(tokio::spawn(registry::config_watch::follow(
+        reg.clone(),
+        cfg_tx,
+    )));
     let mut guard = Task(tokio::spawn(guard_lease(
         reg.clone(),
         req.clone(),
@@ -406,6 +423,14 @@ async fn supervise(
             }
             _ = &mut guard.0 => {
                 anyhow::bail!("the lease guard stopped unexpectedly");
+            }
+            changed = cfg_rx.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the network config follower stopped unexpectedly");
+                }
+                let new = cfg_rx.borrow_and_update().clone();
+                apply_config(&mut running, &new, dataplane.as_deref_mut());
+                health.set_direct_routing(running.backend.direct_routing);
             }
             _ = tick.tick() => {}
             _ = kernel_changed.notified() => {
@@ -460,6 +485,29 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+/// A config changed in etcd: `Backend.DirectRouting` is applied now (the next pass moves the
+/// peers), whatever needs a restart is said once.
+fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mut Dataplane>) {
+    let later = running.restart_needed_for(new);
+    if !later.is_empty() {
+        warn!(
+            "the network config in etcd changed {}: overlayd applies that only when it restarts \
+             (a new Network or VNI cuts running pods off: restart every node in a planned window)",
+            later.join(", ")
+        );
+    }
+    if new.backend.direct_routing != running.backend.direct_routing {
+        running.backend.direct_routing = new.backend.direct_routing;
+        if let Some(dp) = dp {
+            dp.set_direct_routing(new.backend.direct_routing);
+        }
+        info!(
+            direct_routing = new.backend.direct_routing,
+            "applied Backend.DirectRouting from the changed network config"
+        );
     }
 }
 

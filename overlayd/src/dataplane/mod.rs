@@ -61,6 +61,8 @@ pub struct Plan {
     pub underlay_index: u32,
     /// Set with `Backend.DirectRouting`: peers inside this L2 subnet are routed without the tunnel.
     pub direct_routing_net: Option<Ipv4Network>,
+    /// This node's underlay subnet, for when `Backend.DirectRouting` is turned on later.
+    pub underlay_net: Option<Ipv4Network>,
     pub ip_masq: bool,
 }
 
@@ -100,6 +102,7 @@ impl Plan {
             } else {
                 None
             },
+            underlay_net,
             ip_masq,
         }
     }
@@ -217,6 +220,18 @@ impl Dataplane {
         }
         let dev = self.ensure_devices().await?;
         peers::reconcile(&self.handle, dev, &self.peers, &mut self.failures).await
+    }
+
+    /// Turns `Backend.DirectRouting` on or off for the running daemon (the config changed in
+    /// etcd); the next [`Dataplane::reconcile`] moves the peers. Returns whether anything changes.
+    pub fn set_direct_routing(&mut self, on: bool) -> bool {
+        let want = if on { self.plan.underlay_net } else { None };
+        if want == self.plan.direct_routing_net {
+            return false;
+        }
+        self.plan.direct_routing_net = want;
+        self.peers_revision = -1; // derive the peers again
+        true
     }
 
     /// What the last pass could not program, and why (each retried with backoff).

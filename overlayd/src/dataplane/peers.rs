@@ -217,7 +217,10 @@ pub async fn reconcile(
             Some((d, want)) if *want == have => {
                 routes_ok.insert(d);
             }
-            _ => stale_routes.push(r),
+            // Wanted with another next hop (e.g. DirectRouting turned on or off): replaced in
+            // place below, so the subnet is never without a route.
+            Some(_) => {}
+            None => stale_routes.push(r),
         }
     }
     for (msg, what) in stale_neighbours {

@@ -118,6 +118,13 @@ impl Health {
         self.known().settings = Some(s);
     }
 
+    /// `Backend.DirectRouting` as applied live after a config change in etcd.
+    pub fn set_direct_routing(&self, on: bool) {
+        if let Some(c) = self.known().config.as_mut() {
+            c.direct_routing = on;
+        }
+    }
+
     pub fn set_config(
         &self,
         cfg: &NetworkConfig,
