@@ -207,6 +207,10 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
+    let _reclaimer = Task(tokio::spawn(crate::ipam_reclaim::run(
+        health.clone(),
+        args.ipam_reclaim_interval,
+    )));
     health.set_lease(&acquired);
     supervise(
         &reg,
