@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
 use overlay_state::SubnetFile;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -240,18 +240,21 @@ async fn supervise(
     let mut tick = tokio::time::interval(args.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // iptables checks spawn processes: less often than the netlink reconcile.
-    let mut iptables_tick = tokio::time::interval(args.resync_interval.max(Duration::from_secs(5)));
+    let mut iptables_tick = tokio::time::interval(IPTABLES_CHECK);
     iptables_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let kernel_changed = Arc::new(Notify::new());
-    if dataplane.is_some() {
-        monitor::spawn(kernel_changed.clone());
-    }
+    let mut kernel_events = if dataplane.is_some() {
+        Some(monitor::spawn())
+    } else {
+        None
+    };
     let mut latest = Arc::new(LeaseSet::default());
     // A failure that repeats every pass is logged once, not every second.
     let mut last_error = String::new();
     let mut last_iptables_error = String::new();
 
     let result = loop {
+        // A watch event is applied as a diff; everything else checks the kernel in full.
+        let mut full_pass = true;
         let keeper_done = async {
             match keeper.as_mut() {
                 Some(k) => {
@@ -270,6 +273,7 @@ async fn supervise(
                     continue;
                 }
                 latest = set.clone();
+                full_pass = false;
                 health.leases.set(set.leases.len() as i64);
                 let current = set.leases.get(&subnet);
                 let intact = current.and_then(|l| l.value.as_ref()) == Some(&req.value);
@@ -304,9 +308,21 @@ async fn supervise(
                 }
             }
             _ = tick.tick() => {}
-            _ = kernel_changed.notified() => {
-                // A burst of notifications (our own writes included) becomes one pass.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            Some(ev) = next_event(&mut kernel_events) => {
+                let mut drift = dataplane.as_deref().is_some_and(|dp| dp.is_drift(&ev));
+                // Drain what is queued; a burst (a flushed table) becomes one pass.
+                if let Some(rx) = kernel_events.as_mut() {
+                    while let Ok(ev) = rx.try_recv() {
+                        drift |= dataplane.as_deref().is_some_and(|dp| dp.is_drift(&ev));
+                    }
+                }
+                if !drift {
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(rx) = kernel_events.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
             }
             _ = iptables_tick.tick() => {
                 if let Some(dp) = dataplane.as_deref_mut() {
@@ -326,7 +342,12 @@ async fn supervise(
             continue; // nothing listed yet: never remove peers on an empty view
         }
         if let Some(dp) = dataplane.as_deref_mut() {
-            match dp.reconcile(&latest).await {
+            let pass = if full_pass {
+                dp.reconcile(&latest).await
+            } else {
+                dp.apply(&latest).await
+            };
+            match pass {
                 Ok(changes) => {
                     if !last_error.is_empty() {
                         info!("data plane recovered");
@@ -358,6 +379,20 @@ async fn supervise(
         k.abort();
     }
     result
+}
+
+/// How often our iptables chains are checked: iptables sends no notifications, and each check
+/// spawns the tools, so it is a fixed, slower period than the kernel's events.
+const IPTABLES_CHECK: Duration = Duration::from_secs(5);
+
+/// The next kernel notification, or never when nothing listens (lease-only, or no socket).
+async fn next_event(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<monitor::KernelEvent>>,
+) -> Option<monitor::KernelEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Re-asserts `subnet`, waiting out etcd outages; only another node holding it is final.
