@@ -33,6 +33,11 @@ else
   echo "static release plugin: FAILED (build or start of $plugin)"
   status=1
 fi
+# The plugin's input parser under libFuzzer for a short while (scripts/fuzz.sh for longer runs).
+echo "==> fuzz: the plugin's input parsing, ${OVERLAY_FUZZ_SECONDS:-45}s"
+if ! bash scripts/fuzz.sh "${OVERLAY_FUZZ_SECONDS:-45}"; then
+  status=1
+fi
 # One closing line for the whole suite (cargo prints one per test binary, the last often "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, g }' "$log"

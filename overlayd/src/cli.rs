@@ -26,8 +26,12 @@ pub struct Cli {
 pub enum Command {
     /// Lease this node's subnet and keep the overlay data plane in shape (the DaemonSet's command).
     Run(RunArgs),
-    /// Show this node's subnet, its lease in etcd and whether every other node is routed.
+    /// What the local daemon knows (its /status: readiness, lease, peers, repairs); when it is
+    /// down, what this node shows without it (subnet file, pod addresses, routes, etcd).
     Status(StatusArgs),
+    /// Check this node for every pitfall we know: PASS/WARN/FAIL per check with the fix; exit 1 on
+    /// a FAIL. Run it on the node or in the DaemonSet's pod (`kubectl exec … overlayd doctor`).
+    Doctor(DoctorArgs),
     /// Give this node's subnet back (decommissioning): revoke the etcd lease, remove the subnet file.
     Release(ReleaseArgs),
     /// Remove overlayd's data plane from this node: VTEP, bridge, routes, iptables chains and the
@@ -154,8 +158,10 @@ pub struct RunArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub node: NodeArgs,
-    /// TTL of the etcd lease behind this node's subnet; kept alive while the daemon runs.
-    #[arg(long, env = "OVERLAYD_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    /// TTL of the etcd lease behind this node's subnet; kept alive while the daemon runs. Also how
+    /// long a node may be cut off from etcd before its subnet can go to another node, and how long
+    /// a terminated node's subnet stays out of the pool.
+    #[arg(long, env = "OVERLAYD_LEASE_TTL", default_value = "1h", value_parser = parse_duration)]
     pub lease_ttl: Duration,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "OVERLAYD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
@@ -165,12 +171,17 @@ pub struct RunArgs {
     /// under them (and costs a dump of the routes, ARP and FDB tables each time).
     #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
-    /// Serve /healthz and /metrics (Prometheus) on this address, e.g. 0.0.0.0:9472; off when unset.
+    /// Serve /healthz, /readyz, /status and /metrics (Prometheus) on this address, e.g.
+    /// 0.0.0.0:9472; off when unset.
     #[arg(long, env = "OVERLAYD_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Only lease the subnet and write the subnet file; leave the node's network alone.
     #[arg(long, env = "OVERLAYD_LEASE_ONLY")]
     pub lease_only: bool,
+    /// /readyz fails when etcd has not answered for this long (the daemon asks it every quarter
+    /// of this, at most every 30 s). The data plane keeps running either way.
+    #[arg(long, env = "OVERLAYD_ETCD_HEARD_WITHIN", default_value = "60s", value_parser = parse_duration)]
+    pub etcd_heard_within: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -179,6 +190,49 @@ pub struct StatusArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub node: NodeArgs,
+    /// The local daemon's --metrics-addr, where its /status is read (in the DaemonSet's pod the
+    /// environment already has it); a wildcard address means loopback.
+    #[arg(long, env = "OVERLAYD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: std::net::SocketAddr,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// The local daemon's --metrics-addr, where its /status is read; a wildcard means loopback.
+    #[arg(long, env = "OVERLAYD_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// The CNI config directory the container runtime reads.
+    #[arg(long, env = "OVERLAYD_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Where the runtime looks for CNI plugin binaries.
+    #[arg(long, env = "OVERLAYD_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// kubelet config files to read maxPods from, the first that exists (with its `.d/` drop-ins):
+    /// where EKS AMIs put them (AL2, then AL2023). Repeat the flag to replace the list.
+    #[arg(
+        long,
+        env = "OVERLAYD_KUBELET_CONFIG",
+        value_delimiter = ',',
+        default_value = "/etc/kubernetes/kubelet/kubelet-config.json,/etc/kubernetes/kubelet/config.json"
+    )]
+    pub kubelet_config: Vec<PathBuf>,
+    /// The pods' bridge.
+    #[arg(long, env = "OVERLAYD_BRIDGE", default_value = "cni0")]
+    pub bridge: String,
+    /// Where to look for a running aws-node (`aws-k8s-agent`): the host's /proc.
+    #[arg(long, default_value = "/proc")]
+    pub proc_dir: PathBuf,
+    /// aws-node's state directory, for its leftovers.
+    #[arg(long, default_value = "/var/run/aws-node")]
+    pub aws_node_state_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -30,6 +30,27 @@ pub struct NetworkConfig {
     pub backend: Backend,
 }
 
+impl NetworkConfig {
+    /// The fields in which `new` differs from `self` that a running daemon cannot apply (they
+    /// renumber subnets or rebuild the VTEP): they take effect at the next restart.
+    /// `Backend.DirectRouting` is applied live and is not among them.
+    pub fn restart_needed_for(&self, new: &NetworkConfig) -> Vec<&'static str> {
+        let (a, b) = (self, new);
+        [
+            ("Network", a.network != b.network),
+            ("SubnetLen", a.subnet_len != b.subnet_len),
+            ("SubnetMin", a.subnet_min != b.subnet_min),
+            ("SubnetMax", a.subnet_max != b.subnet_max),
+            ("Backend.VNI", a.backend.vni != b.backend.vni),
+            ("Backend.Port", a.backend.port != b.backend.port),
+            ("Backend.MTU", a.backend.mtu != b.backend.mtu),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub vni: u32,
@@ -428,6 +449,20 @@ mod tests {
         assert!(
             e.contains("SubnetLen") && e.contains("defaults to 24"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn only_direct_routing_changes_apply_without_a_restart() {
+        let a = parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let b =
+            parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#)
+                .unwrap();
+        assert!(a.restart_needed_for(&b).is_empty());
+        let c = parse(r#"{"Network":"10.245.0.0/16","Backend":{"Type":"vxlan","VNI":2}}"#).unwrap();
+        assert_eq!(
+            a.restart_needed_for(&c),
+            ["Network", "SubnetMin", "SubnetMax", "Backend.VNI"]
         );
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dataplane;
+pub mod doctor;
 pub mod health;
 pub mod iptables_tools;
 pub mod logging;

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => commands::run::run(args).await,
             Command::Status(args) => commands::status::run(args).await,
+            Command::Doctor(args) => commands::doctor::run(args).await,
             Command::Release(args) => commands::release::run(args).await,
             Command::Uninstall(args) => commands::uninstall::run(args).await,
             Command::Cleanup(args) => commands::cleanup::run(args).await,

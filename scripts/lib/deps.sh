@@ -4,6 +4,7 @@
 # Debian package providing each command we need.
 OVERLAY_DEPS=(
   "cc:gcc"                       # the linker rustc calls, and ring's C code (TLS to etcd)
+  "c++:g++"                      # libFuzzer (the fuzz target, scripts/fuzz.sh) is C++
   "protoc:protobuf-compiler"     # etcd-client compiles etcd's protos at build time...
   "/usr/include/google/protobuf/descriptor.proto:libprotobuf-dev"  # ...which import these
   "etcd:etcd-server"             # the real etcd the tests and the lab run
@@ -23,7 +24,7 @@ OVERLAY_DEPS=(
   "podman:podman"                # builds the node image (scripts/image.sh), runs the DaemonSet's pod
   "catatonit:catatonit"          # podman kube play's infra container
   "debootstrap:debootstrap"      # the image's base when no registry is reachable
-  "curl:curl"                    # image.sh: is a registry reachable? tests read /metrics
+  "curl:curl"                    # image.sh: is a registry reachable? tests read /metrics, /readyz, /status
   "containerd:containerd"        # the DaemonSet test's pods, made through the installed conflist
   "ctr:containerd"
   "runc:runc"
@@ -77,4 +78,11 @@ ensure_rust() {
     cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
     cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   fi
+}
+
+# cargo-fuzz (scripts/fuzz.sh) from crates.io, built once into ~/.cargo/bin.
+ensure_cargo_fuzz() {
+  cargo fuzz --version >/dev/null 2>&1 && return 0
+  echo "==> installing cargo-fuzz (cargo install, once)"
+  cargo install cargo-fuzz --locked -q
 }

@@ -78,10 +78,38 @@ impl Lab {
         extra_args: &[&str],
         prepare: impl FnOnce(&Netns),
     ) -> usize {
+        let ip = Ipv4Addr::new(192, 0, 2, 10 + self.nodes.len() as u8);
+        self.add_node_with(ip, ETCD_IP, extra_args, prepare)
+    }
+
+    /// Adds a node at `ip` (a /24 on the underlay bridge) whose default route goes via `gateway`,
+    /// e.g. on a second underlay subnet made with [`Lab::add_underlay_subnet`].
+    pub fn add_node_at(&mut self, ip: Ipv4Addr, gateway: Ipv4Addr, extra_args: &[&str]) -> usize {
+        self.add_node_with(ip, gateway, extra_args, |_| {})
+    }
+
+    /// Makes the underlay namespace route between its subnets and gives it `gateway`/24 too, so
+    /// nodes on that subnet reach etcd and the other nodes through it (a router, not one L2).
+    pub fn add_underlay_subnet(&self, gateway: Ipv4Addr) {
+        self.underlay
+            .ip(&["addr", "add", &format!("{gateway}/24"), "dev", "br0"]);
+        crate::run(
+            self.underlay
+                .cmd("sysctl")
+                .args(["-qw", "net.ipv4.ip_forward=1"]),
+        );
+    }
+
+    fn add_node_with(
+        &mut self,
+        ip: Ipv4Addr,
+        gateway: Ipv4Addr,
+        extra_args: &[&str],
+        prepare: impl FnOnce(&Netns),
+    ) -> usize {
         let i = self.nodes.len();
         let ns = Netns::new("nd");
-        let ip = Ipv4Addr::new(192, 0, 2, 10 + i as u8);
-        self.plumb(&ns, i, ip, ETCD_IP);
+        self.plumb(&ns, i, ip, gateway);
         prepare(&ns);
         let name = format!("node{i}");
         let node = LabNode {
@@ -93,7 +121,7 @@ impl Lab {
             ip,
             name,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            gateway: ETCD_IP,
+            gateway,
             restarts: 0,
         };
         self.nodes.push(node);
@@ -282,6 +310,23 @@ impl Lab {
             .enumerate()
             .flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
             .collect()
+    }
+
+    /// GET `path` from a server on node `i`'s own loopback (its daemon's `--metrics-addr`), with
+    /// curl run inside the node's namespace: the status code and the body, `None` if nothing
+    /// answers.
+    pub fn http_get(&self, i: usize, port: u16, path: &str) -> Option<(u16, String)> {
+        let out = self.nodes[i]
+            .ns
+            .cmd("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}{path}"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        let code: u16 = code.trim().parse().ok()?;
+        (code != 0).then(|| (code, body.to_string()))
     }
 
     /// Waits until node `from`'s kernel has a route to node `to`'s subnet (or its absence).

@@ -572,53 +572,6 @@ fn a_peer_whose_public_ip_or_mac_changes_is_reprogrammed() {
 }
 
 #[test]
-fn status_reports_the_lease_and_every_peer_route() {
-    if !require_root("status_reports_the_lease_and_every_peer_route") {
-        return;
-    }
-    let mut lab = two_nodes(DEFAULT_CONFIG, 0);
-    let s1 = lab.subnet(1).to_string();
-    let status = |lab: &Lab| {
-        lab.nodes[0]
-            .ns
-            .cmd(overlay_testlab::bin("overlayd").to_str().unwrap())
-            .args(["status", "--etcd-endpoints", &lab.etcd.endpoint])
-            .arg("--subnet-file")
-            .arg(&lab.nodes[0].subnet_file)
-            .arg("--cni-data-dir")
-            .arg(&lab.nodes[0].ipam_dir)
-            .output()
-            .expect("status")
-    };
-    let out = status(&lab);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("pod addresses: 0 of 253 allocated"), "{text}");
-    lab.add_pod(0);
-    lab.add_pod(0);
-    let out = status(&lab);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("2 of 253 allocated"), "{text}");
-    assert!(
-        text.contains(&format!("{} held by 192.0.2.10", lab.subnet(0))),
-        "{text}"
-    );
-    assert!(text.contains("s left"), "{text}");
-    assert!(
-        text.contains(&s1) && text.contains("node1") && text.contains("routed"),
-        "{text}"
-    );
-    // With the daemon stopped, a deleted route stays deleted and status says so.
-    lab.stop_daemon(0, "TERM");
-    lab.nodes[0].ns.ip(&["route", "del", &s1]);
-    let out = status(&lab);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("NO ROUTE"), "{text}");
-}
-
-#[test]
 fn ip_masq_false_installs_no_masquerade_but_keeps_forwarding() {
     if !require_root("ip_masq_false_installs_no_masquerade_but_keeps_forwarding") {
         return;
@@ -635,4 +588,108 @@ fn ip_masq_false_installs_no_masquerade_but_keeps_forwarding() {
     assert!(rules.contains("-A OVERLAY-FWD -s 10.244.0.0/16"), "{rules}");
     let file = std::fs::read_to_string(&lab.nodes[n].subnet_file).unwrap();
     assert!(file.contains("OVERLAY_IPMASQ=false"), "{file}");
+}
+
+#[test]
+fn direct_routing_per_underlay_subnet_and_switched_live() {
+    if !require_root("direct_routing_per_underlay_subnet_and_switched_live") {
+        return;
+    }
+    let config = |direct: bool| {
+        format!(
+            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"vxlan","DirectRouting":{direct}}}}}"#
+        )
+    };
+    let mut lab = Lab::new(&config(true));
+    // Nodes 0 and 1 share 192.0.2.0/24; node 2 is on 198.51.100.0/24, one router away.
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    let router = std::net::Ipv4Addr::new(198, 51, 100, 254);
+    lab.add_underlay_subnet(router);
+    lab.add_node_at(std::net::Ipv4Addr::new(198, 51, 100, 12), router, &[]);
+    for i in 0..3 {
+        lab.add_pod(i);
+    }
+    let route = |lab: &Lab, from: usize, to: usize| {
+        lab.nodes[from]
+            .ns
+            .ip_out(&["route", "show", &lab.subnet(to).to_string()])
+    };
+    let direct = |lab: &Lab, from: usize, to: usize| {
+        route(lab, from, to).contains(&format!("via {} dev eth0", lab.nodes[to].ip))
+    };
+    let tunneled = |lab: &Lab, from: usize, to: usize| {
+        let r = route(lab, from, to);
+        r.contains(&format!("via {} dev overlay.1", lab.subnet(to).network()))
+            && r.contains("onlink")
+    };
+    let fdb_to = |lab: &Lab, from: usize, to: usize| {
+        lab.nodes[from]
+            .ns
+            .fdb("overlay.1")
+            .contains(&format!("dst {} ", lab.nodes[to].ip))
+    };
+    let all_pods_reach_each_other = |lab: &Lab, when: &str| {
+        for a in 0..3 {
+            for b in 0..3 {
+                if a != b {
+                    let dst = lab.pod(b, 0).ip.to_string();
+                    assert!(
+                        lab.pod(a, 0).ns.ping(&dst),
+                        "{when}: pod on node{a} -> pod on node{b}"
+                    );
+                }
+            }
+        }
+    };
+    let wait = |lab: &Lab, what: &str, ok: &dyn Fn(&Lab) -> bool| {
+        wait_for(what, Duration::from_secs(10), || ok(lab).then_some(()));
+    };
+    wait(&lab, "routes with DirectRouting on", &|lab| {
+        direct(lab, 0, 1)
+            && direct(lab, 1, 0)
+            && tunneled(lab, 0, 2)
+            && tunneled(lab, 2, 0)
+            && tunneled(lab, 2, 1)
+    });
+    // Same subnet: no VXLAN state for each other at all; across subnets: the tunnel's.
+    assert!(!fdb_to(&lab, 0, 1) && !fdb_to(&lab, 1, 0));
+    assert!(fdb_to(&lab, 0, 2) && fdb_to(&lab, 2, 0));
+    all_pods_reach_each_other(&lab, "DirectRouting on");
+
+    let pids: Vec<u32> = (0..3)
+        .map(|i| lab.nodes[i].daemon.as_ref().unwrap().pid())
+        .collect();
+    let start = Instant::now();
+    lab.etcd.put(&format!("{PREFIX}/config"), &config(false));
+    wait(
+        &lab,
+        "every peer through the tunnel after DirectRouting was turned off",
+        &|lab| tunneled(lab, 0, 1) && tunneled(lab, 1, 0) && fdb_to(lab, 0, 1) && fdb_to(lab, 1, 0),
+    );
+    println!(
+        "DirectRouting off applied in {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    all_pods_reach_each_other(&lab, "DirectRouting off");
+
+    lab.etcd.put(&format!("{PREFIX}/config"), &config(true));
+    wait(
+        &lab,
+        "direct routes again after DirectRouting was turned back on",
+        &|lab| direct(lab, 0, 1) && direct(lab, 1, 0) && !fdb_to(lab, 0, 1) && tunneled(lab, 0, 2),
+    );
+    all_pods_reach_each_other(&lab, "DirectRouting on again");
+    // Applied live: the same processes all along.
+    for (i, pid) in pids.iter().enumerate() {
+        let d = lab.nodes[i].daemon.as_mut().unwrap();
+        assert!(
+            d.is_running() && d.pid() == *pid,
+            "node{i}'s daemon restarted"
+        );
+        assert!(
+            d.log_text().contains("applied Backend.DirectRouting"),
+            "node{i}"
+        );
+    }
 }

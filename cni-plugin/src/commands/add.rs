@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::path::Path;
 
 use ipnetwork::Ipv4Network;
 use overlay_state::{IpamStore, SubnetFile};
@@ -87,33 +88,67 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>),
         }
     };
 
+    let wired = Wired {
+        bridge_mac: bridge.mac.clone(),
+        host_name: host_name.clone(),
+        host_mac,
+        pod_mac,
+        ip,
+        mtu,
+    };
+    Ok((
+        result_for(conf, env, &subnet_file, netns_path, wired),
+        spare_maker,
+    ))
+}
+
+/// What ADD made: the names, MACs and address the result reports.
+pub struct Wired {
+    pub bridge_mac: String,
+    pub host_name: String,
+    pub host_mac: String,
+    pub pod_mac: String,
+    pub ip: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// ADD's result: the bridge, the host veth and the pod's interface, the pod's address and routes,
+/// after whatever the previous plugin of a chain reported. No kernel, no file: the fuzz target
+/// calls it too.
+pub fn result_for(
+    conf: &NetConf,
+    env: &Env,
+    subnet_file: &SubnetFile,
+    netns_path: &Path,
+    w: Wired,
+) -> CniResult {
     let ours = CniResult {
         interfaces: vec![
             Interface {
                 name: conf.bridge.clone(),
-                mac: bridge.mac.clone(),
+                mac: w.bridge_mac,
                 ..Default::default()
             },
             Interface {
-                name: host_name.clone(),
-                mac: host_mac,
+                name: w.host_name,
+                mac: w.host_mac,
                 ..Default::default()
             },
             Interface {
                 name: env.ifname.clone(),
-                mac: pod_mac,
-                mtu: Some(mtu),
+                mac: w.pod_mac,
+                mtu: Some(w.mtu),
                 sandbox: Some(netns_path.display().to_string()),
                 ..Default::default()
             },
         ],
         ips: vec![IpConfig {
-            address: format!("{ip}/{prefix}"),
-            gateway: Some(gateway.to_string()),
+            address: format!("{}/{}", w.ip, subnet_file.subnet.prefix()),
+            gateway: Some(subnet_file.gateway().to_string()),
             interface: Some(2),
             ..Default::default()
         }],
-        routes: pod_routes(conf, &subnet_file)
+        routes: pod_routes(conf, subnet_file)
             .into_iter()
             .map(|(dst, gw)| Route {
                 dst: dst.to_string(),
@@ -123,7 +158,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>),
             .collect(),
         ..Default::default()
     };
-    Ok((merge(conf.prev_result.clone(), ours), spare_maker))
+    merge(conf.prev_result.clone(), ours)
 }
 
 /// The pod already has an interface called `CNI_IFNAME`. If it is the peer of this attachment's
@@ -136,7 +171,7 @@ fn take_over(
     pod_link: &link::Link,
     host_name: &str,
     env: &Env,
-    netns_path: &std::path::Path,
+    netns_path: &Path,
 ) -> Result<(), CniError> {
     let kernel = |what: &'static str| move |e: NlError| CniError::kernel(what, e);
     let host_link =

@@ -14,7 +14,12 @@ use crate::error::{code, CniError};
 
 /// The node's subnet as overlayd wrote it. Missing → "try again later" with how to find out why.
 pub fn read_subnet_file(conf: &NetConf) -> Result<SubnetFile, CniError> {
-    SubnetFile::read(&conf.subnet_file).map_err(|e| match e {
+    SubnetFile::read(&conf.subnet_file).map_err(subnet_file_error)
+}
+
+/// The CNI error for a subnet file that cannot be used.
+pub fn subnet_file_error(e: SubnetFileError) -> CniError {
+    match e {
         SubnetFileError::Missing { path } => {
             let details = format!("subnetFile {}", path.display());
             CniError::new(
@@ -34,5 +39,5 @@ pub fn read_subnet_file(conf: &NetConf) -> Result<SubnetFile, CniError> {
             code::TRY_AGAIN_LATER,
             format!("cannot use the subnet file overlayd writes: {other}"),
         ),
-    })
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod doctor;
 pub mod release;
 pub mod run;
 pub mod status;

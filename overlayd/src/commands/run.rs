@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
-use overlay_state::SubnetFile;
+use overlay_state::{ipam_store, SubnetFile};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -18,9 +18,9 @@ use crate::cli::{EtcdArgs, RunArgs};
 use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
 use crate::dataplane::{monitor, Dataplane, Plan};
 use crate::health::{self, Health};
-use crate::node::{self, Node};
+use crate::node;
 use crate::registry::{
-    self, AcquireRequest, Acquired, LeaseSet, LeaseValue, Registry, RegistryError,
+    self, AcquireError, AcquireRequest, Acquired, LeaseSet, LeaseValue, Registry, RegistryError,
 };
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -91,10 +91,16 @@ pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
 
 async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     let health = Arc::new(Health::new());
+    health.set_settings(health::Settings {
+        lease_only: args.lease_only,
+        etcd_heard_within: args.etcd_heard_within,
+    });
     if let Some(addr) = args.metrics_addr {
         tokio::spawn(health::serve(addr, health.clone()));
     }
     let reg = connect(&args.etcd).await?;
+    health.set_etcd(&reg);
+    health::etcd_contact::spawn(reg.clone(), health.clone(), args.etcd_heard_within);
     info!(
         endpoints = reg.endpoints(),
         prefix = reg.keys.prefix(),
@@ -119,6 +125,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         vtep_mac = %node.vtep_mac,
         "node identity"
     );
+    health.set_node(&node);
 
     let previous = match SubnetFile::read(&args.node.subnet_file) {
         Ok(f) if f.network == cfg.network => Some(f.subnet),
@@ -133,16 +140,33 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Err(_) => None,
     };
+    // Pods still holding addresses from the previous subnet pin the node to it (see acquire).
+    let previous_in_use = previous
+        .map(|p| {
+            ipam_store::usage(&args.node.cni_data_dir, p)
+                .iter()
+                .filter_map(|u| u.allocated.as_ref().ok())
+                .sum()
+        })
+        .unwrap_or(0);
     let req = AcquireRequest {
         value: LeaseValue::vxlan(node.public_ip, cfg.backend.vni, node.vtep_mac, &node.name),
         previous,
+        previous_in_use,
         ttl: args.lease_ttl,
     };
-    let acquired = acquire_until_done(&reg, &cfg, &req).await;
+    let acquired = acquire_until_done(&reg, &cfg, &req, &health).await?;
     let mtu = cfg
         .backend
         .mtu
         .unwrap_or_else(|| node.iface_mtu.saturating_sub(VXLAN_OVERHEAD));
+    health.set_config(
+        &cfg,
+        mtu,
+        args.ip_masq,
+        args.lease_ttl,
+        args.resync_interval,
+    );
     let subnet_file = SubnetFile {
         network: cfg.network,
         subnet: acquired.subnet,
@@ -164,7 +188,10 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         let mut dp = Dataplane::new(handle.clone(), plan);
         dp.ensure_sysctls().await?;
         dp.ensure_devices().await?;
-        dp.ensure_iptables().await?;
+        health.set_devices(handle.clone(), dp.plan());
+        let installed = dp.ensure_iptables().await;
+        health.record_iptables(&installed);
+        installed?;
         Some(dp)
     };
     // Written only once the bridge and VTEP exist: the plugin takes the file as "ready".
@@ -180,24 +207,49 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
-    health.set_leased(true);
+    health.set_lease(&acquired);
     supervise(
         &reg,
-        &node,
+        &cfg,
         &req,
         acquired,
         &args,
         dataplane.as_mut(),
-        &health,
+        health,
     )
     .await
 }
 
-async fn acquire_until_done(reg: &Registry, cfg: &NetworkConfig, req: &AcquireRequest) -> Acquired {
+/// How often a refused subnet (held by another node) is checked again.
+const REFUSED_RECHECK: Duration = Duration::from_secs(5);
+
+/// Leases a subnet, waiting out etcd outages and a full network. Refusing to renumber waits too,
+/// not ready and saying why, until the old subnet is free; another node with this node's PublicIP
+/// ends the daemon.
+async fn acquire_until_done(
+    reg: &Registry,
+    cfg: &NetworkConfig,
+    req: &AcquireRequest,
+    health: &Health,
+) -> anyhow::Result<Acquired> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut last_refusal = String::new();
     loop {
         match registry::acquire(reg, cfg, req).await {
-            Ok(a) => return a,
+            Ok(a) => {
+                health.set_refused(None);
+                return Ok(a);
+            }
+            Err(e @ AcquireError::PublicIpInUse { .. }) => return Err(e.into()),
+            Err(e @ AcquireError::PreviousTaken { .. }) => {
+                let msg = e.to_string();
+                if msg != last_refusal {
+                    error!("{msg}; checking again every {}s", REFUSED_RECHECK.as_secs());
+                    last_refusal = msg.clone();
+                }
+                health.set_refused(Some(msg));
+                tokio::time::sleep(REFUSED_RECHECK).await;
+            }
             Err(e) => {
                 let wait = backoff.next_delay();
                 if e.is_transient() {
@@ -217,26 +269,131 @@ async fn acquire_until_done(reg: &Registry, cfg: &NetworkConfig, req: &AcquireRe
     }
 }
 
-fn spawn_keepalive(reg: &Registry, a: &Acquired, ttl: Duration) -> Option<JoinHandle<()>> {
-    a.lease_id
-        .map(|id| tokio::spawn(registry::keepalive::keep_alive(reg.clone(), id, ttl)))
+/// A task that is aborted when its handle is dropped (with the task that owns it).
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
-/// Runs until a fatal condition: follows all leases, keeps ours alive, re-asserts our key if it
-/// disappears, and keeps the data plane equal to the leases.
+fn spawn_keepalive(reg: &Registry, a: &Acquired, ttl: Duration) -> Option<Task> {
+    a.lease_id.map(|id| {
+        Task(tokio::spawn(registry::keepalive::keep_alive(
+            reg.clone(),
+            id,
+            ttl,
+        )))
+    })
+}
+
+/// Keeps this node's key in etcd: its lease alive, and the key put back when it vanishes or is
+/// changed. A task of its own, so that re-asserting through an etcd outage never holds up the
+/// data plane's repair loops. When another node holds the subnet it refuses to renumber: not
+/// ready, saying why, checking again until the subnet is free. Returns when `rx` closes.
+async fn guard_lease(
+    reg: Registry,
+    req: AcquireRequest,
+    mut acquired: Acquired,
+    mut rx: watch::Receiver<Arc<LeaseSet>>,
+    health: Arc<Health>,
+) {
+    let subnet = acquired.subnet;
+    let ttl = req.ttl;
+    let mut keeper = spawn_keepalive(&reg, &acquired, ttl);
+    loop {
+        let keeper_done = async {
+            match keeper.as_mut() {
+                Some(k) => {
+                    let _ = (&mut k.0).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let set = rx.borrow_and_update().clone();
+                if set.revision == 0 {
+                    continue; // nothing listed yet
+                }
+                let current = set.leases.get(&subnet);
+                if current.and_then(|l| l.value.as_ref()) == Some(&req.value) {
+                    continue;
+                }
+                match current {
+                    Some(l) if req.owns(l) => warn!("this node's lease value for {subnet} was changed in etcd; writing it back"),
+                    _ => warn!("this node's subnet key for {subnet} is gone or changed hands in etcd; putting it back"),
+                }
+            }
+            _ = keeper_done => {
+                keeper = None;
+                health.lease_lost();
+                warn!("etcd says this node's lease for {subnet} expired; leasing the same subnet again");
+            }
+        }
+        let mut last_refusal = String::new();
+        loop {
+            match reassert_until_done(&reg, subnet, &req).await {
+                Ok(a) => {
+                    if a.lease_id != acquired.lease_id || keeper.is_none() {
+                        keeper = spawn_keepalive(&reg, &a, ttl);
+                    }
+                    health.set_lease(&a);
+                    acquired = a;
+                    health.set_refused(None);
+                    info!("subnet {subnet} is this node's again");
+                    break;
+                }
+                Err(e) => {
+                    // Our lease no longer backs the key: nothing to keep alive.
+                    keeper = None;
+                    let msg = e.to_string();
+                    if msg != last_refusal {
+                        error!("{msg}; checking again every {}s", REFUSED_RECHECK.as_secs());
+                        last_refusal = msg.clone();
+                    }
+                    health.set_refused(Some(msg));
+                    tokio::select! {
+                        _ = tokio::time::sleep(REFUSED_RECHECK) => {}
+                        changed = rx.changed() => if changed.is_err() { return; },
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs until a fatal condition: follows all leases, guards our key (in its own task), and keeps
+/// the data plane equal to the leases.
 async fn supervise(
     reg: &Registry,
-    node: &Node,
+    cfg: &NetworkConfig,
     req: &AcquireRequest,
-    mut acquired: Acquired,
+    acquired: Acquired,
     args: &RunArgs,
     mut dataplane: Option<&mut Dataplane>,
-    health: &Health,
+    health: Arc<Health>,
 ) -> anyhow::Result<ExitCode> {
-    let subnet: Ipv4Network = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
-    let follower = tokio::spawn(registry::watch::follow(reg.clone(), tx));
-    let mut keeper = spawn_keepalive(reg, &acquired, args.lease_ttl);
+    let _follower = Task(tokio::spawn(registry::watch::follow(reg.clone(), tx)));
+    // The config as running; only Backend.DirectRouting changes are applied live.
+    let mut running = cfg.clone();
+    let (cfg_tx, mut cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+    let _cfg_follower = Task(tokio::spawn(registry::config_watch::follow(
+        reg.clone(),
+        cfg_tx,
+    )));
+    let mut guard = Task(tokio::spawn(guard_lease(
+        reg.clone(),
+        req.clone(),
+        acquired,
+        rx.clone(),
+        health.clone(),
+    )));
     let mut tick = tokio::time::interval(args.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // iptables checks spawn processes: less often than the netlink reconcile.
@@ -252,21 +409,13 @@ async fn supervise(
     let mut last_error = String::new();
     let mut last_iptables_error = String::new();
 
-    let result = loop {
+    loop {
         // A watch event is applied as a diff; everything else checks the kernel in full.
         let mut full_pass = true;
-        let keeper_done = async {
-            match keeper.as_mut() {
-                Some(k) => {
-                    let _ = k.await;
-                }
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
-                    break Err(anyhow::anyhow!("the lease watcher stopped unexpectedly"));
+                    anyhow::bail!("the lease watcher stopped unexpectedly");
                 }
                 let set = rx.borrow_and_update().clone();
                 if set.revision == 0 {
@@ -275,37 +424,17 @@ async fn supervise(
                 latest = set.clone();
                 full_pass = false;
                 health.leases.set(set.leases.len() as i64);
-                let current = set.leases.get(&subnet);
-                let intact = current.and_then(|l| l.value.as_ref()) == Some(&req.value);
-                if !intact {
-                    match current.and_then(|l| l.public_ip()) {
-                        Some(ip) if ip == node.public_ip => warn!("this node's lease value for {subnet} was changed in etcd; writing it back"),
-                        _ => warn!("this node's subnet key for {subnet} is gone or changed hands in etcd; putting it back"),
-                    }
-                    match reassert_until_done(reg, subnet, req).await {
-                        Ok(a) => {
-                            if a.lease_id != acquired.lease_id {
-                                if let Some(k) = keeper.take() { k.abort(); }
-                                keeper = spawn_keepalive(reg, &a, args.lease_ttl);
-                            }
-                            acquired = a;
-                            info!("subnet {subnet} is this node's again");
-                        }
-                        Err(e) => break Err(e.into()),
-                    }
-                }
             }
-            _ = keeper_done => {
-                keeper = None;
-                warn!("etcd says this node's lease for {subnet} expired; leasing the same subnet again");
-                match reassert_until_done(reg, subnet, req).await {
-                    Ok(a) => {
-                        keeper = spawn_keepalive(reg, &a, args.lease_ttl);
-                        acquired = a;
-                        info!("subnet {subnet} is this node's again");
-                    }
-                    Err(e) => break Err(e.into()),
+            _ = &mut guard.0 => {
+                anyhow::bail!("the lease guard stopped unexpectedly");
+            }
+            changed = cfg_rx.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the network config follower stopped unexpectedly");
                 }
+                let new = cfg_rx.borrow_and_update().clone();
+                apply_config(&mut running, &new, dataplane.as_deref_mut());
+                health.set_direct_routing(running.backend.direct_routing);
             }
             _ = tick.tick() => {}
             Some(ev) = next_event(&mut kernel_events) => {
@@ -326,7 +455,9 @@ async fn supervise(
             }
             _ = iptables_tick.tick() => {
                 if let Some(dp) = dataplane.as_deref_mut() {
-                    match dp.ensure_iptables().await {
+                    let checked = dp.ensure_iptables().await;
+                    health.record_iptables(&checked);
+                    match checked {
                         Ok(_) => last_iptables_error.clear(),
                         Err(e) if e.to_string() != last_iptables_error => {
                             error!("{e}; checking again every {:?}", iptables_tick.period());
@@ -347,17 +478,20 @@ async fn supervise(
             } else {
                 dp.apply(&latest).await
             };
+            health.record_pass(
+                &latest,
+                dp.peers(),
+                dp.failures().current(),
+                pass.as_ref()
+                    .map(|c| *c)
+                    .map_err(|e| e as &dyn std::fmt::Display),
+            );
             match pass {
-                Ok(changes) => {
+                Ok(_) => {
                     if !last_error.is_empty() {
                         info!("data plane recovered");
                         last_error.clear();
                     }
-                    health.count_changes(changes.added, changes.removed);
-                    health.peer_errors.inc_by(changes.errors as u64);
-                    health.peers_failing.set(changes.failing as i64);
-                    health.peers.set(dp.peer_count() as i64);
-                    health.set_dataplane_ok(true);
                 }
                 Err(e) => {
                     let msg = e.to_string();
@@ -368,17 +502,33 @@ async fn supervise(
                         );
                         last_error = msg;
                     }
-                    health.errors.inc();
-                    health.set_dataplane_ok(false);
                 }
             }
         }
-    };
-    follower.abort();
-    if let Some(k) = keeper {
-        k.abort();
     }
-    result
+}
+
+/// A config changed in etcd: `Backend.DirectRouting` is applied now (the next pass moves the
+/// peers), whatever needs a restart is said once.
+fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mut Dataplane>) {
+    let later = running.restart_needed_for(new);
+    if !later.is_empty() {
+        warn!(
+            "the network config in etcd changed {}: overlayd applies that only when it restarts \
+             (a new Network or VNI cuts running pods off: restart every node in a planned window)",
+            later.join(", ")
+        );
+    }
+    if new.backend.direct_routing != running.backend.direct_routing {
+        running.backend.direct_routing = new.backend.direct_routing;
+        if let Some(dp) = dp {
+            dp.set_direct_routing(new.backend.direct_routing);
+        }
+        info!(
+            direct_routing = new.backend.direct_routing,
+            "applied Backend.DirectRouting from the changed network config"
+        );
+    }
 }
 
 /// How often our iptables chains are checked: iptables sends no notifications, and each check

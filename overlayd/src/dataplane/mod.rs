@@ -63,6 +63,8 @@ pub struct Plan {
     pub underlay_index: u32,
     /// Set with `Backend.DirectRouting`: peers inside this L2 subnet are routed without the tunnel.
     pub direct_routing_net: Option<Ipv4Network>,
+    /// This node's underlay subnet, for when `Backend.DirectRouting` is turned on later.
+    pub underlay_net: Option<Ipv4Network>,
     pub ip_masq: bool,
 }
 
@@ -102,6 +104,7 @@ impl Plan {
             } else {
                 None
             },
+            underlay_net,
             ip_masq,
         }
     }
@@ -301,6 +304,28 @@ impl Dataplane {
                 .is_some_and(|p| *deleted || ip.is_some_and(|ip| ip != p.public_ip)),
             E::Neighbour { .. } => false,
         }
+    }
+
+    /// Turns `Backend.DirectRouting` on or off for the running daemon (the config changed in
+    /// etcd); the next [`Dataplane::reconcile`] moves the peers. Returns whether anything changes.
+    pub fn set_direct_routing(&mut self, on: bool) -> bool {
+        let want = if on { self.plan.underlay_net } else { None };
+        if want == self.plan.direct_routing_net {
+            return false;
+        }
+        self.plan.direct_routing_net = want;
+        self.peers_revision = -1; // derive the peers again
+        true
+    }
+
+    /// What the last pass could not program, and why (each retried with backoff).
+    pub fn failures(&self) -> &peers::Failures {
+        &self.failures
+    }
+
+    /// The peers the last pass programmed (or tried to).
+    pub fn peers(&self) -> &BTreeMap<Ipv4Network, Peer> {
+        &self.peers
     }
 
     /// How many other nodes the last pass routed to.

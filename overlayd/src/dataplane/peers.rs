@@ -114,6 +114,13 @@ impl Failures {
         }
     }
 
+    /// What is failing now (`peer <subnet>`, `removing …`) with its last error, for /status.
+    pub fn current(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_key
+            .iter()
+            .map(|(k, f)| (k.as_str(), f.last_error.as_str()))
+    }
+
     /// Forgets what no longer exists (a peer whose lease went, an entry already gone).
     fn retain(&mut self, keys: &BTreeSet<String>) {
         self.by_key.retain(|k, _| keys.contains(k));
@@ -210,7 +217,10 @@ pub async fn reconcile(
             Some((d, want)) if *want == have => {
                 routes_ok.insert(d);
             }
-            _ => stale_routes.push(r),
+            // Wanted with another next hop (e.g. DirectRouting turned on or off): replaced in
+            // place below, so the subnet is never without a route.
+            Some(_) => {}
+            None => stale_routes.push(r),
         }
     }
     // Stale entries: neighbours first, then routes, each kind with many requests in flight.

@@ -26,7 +26,38 @@ pub struct AcquireRequest {
     pub value: LeaseValue,
     /// The subnet this node had before (from the subnet file), if any.
     pub previous: Option<Ipv4Network>,
+    /// Pod addresses from `previous` the CNI plugin's store still holds: while there are any,
+    /// `previous` held by another node is a refusal, not a reason to take another subnet.
+    pub previous_in_use: usize,
     pub ttl: Duration,
+}
+
+impl AcquireRequest {
+    /// Whether `l` is this node's: our PublicIP, and our NodeName unless the value has none (a
+    /// reservation, a value written by older tools). Our PublicIP under another NodeName is another
+    /// node set up with the same address: taking its key would make the two fight over it.
+    pub fn owns(&self, l: &Lease) -> bool {
+        match &l.value {
+            Some(v) if v.public_ip == self.value.public_ip => {
+                match (&v.node_name, &self.value.node_name) {
+                    (Some(theirs), Some(ours)) => theirs == ours,
+                    _ => true,
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Who holds a key, for messages: "node-b, 192.0.2.7".
+pub fn holder(l: &Lease) -> String {
+    l.value
+        .as_ref()
+        .map(|v| match &v.node_name {
+            Some(n) => format!("{n}, {}", v.public_ip),
+            None => v.public_ip.to_string(),
+        })
+        .unwrap_or_else(|| "unreadable value".into())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +102,28 @@ pub enum AcquireError {
     },
     #[error("lost the race for a free subnet {0} times in a row; will try again")]
     Contended(usize),
+    #[error(
+        "subnet {subnet} of this node (from its subnet file) is now leased by another node \
+         ({holder}), and {pods} pod address(es) from it are still allocated on this node; refusing \
+         to take another subnet, which would strand those pods. Either free {subnet} (run \
+         `overlayd release` on the other node, or delete its key if it is stale) and this node \
+         takes it back, or drain this node, delete its pods and the CNI store, then restart overlayd"
+    )]
+    PreviousTaken {
+        subnet: Ipv4Network,
+        holder: String,
+        pods: usize,
+    },
+    #[error(
+        "subnet {subnet} is leased by node {holder} with this node's PublicIP {ip}: two nodes \
+         cannot share one PublicIP (VXLAN finds each node by it). Give this node its own \
+         --public-ip (or --iface), or remove the other node; not writing to etcd until then"
+    )]
+    PublicIpInUse {
+        subnet: Ipv4Network,
+        ip: Ipv4Addr,
+        holder: String,
+    },
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -79,6 +132,7 @@ impl AcquireError {
     pub fn is_transient(&self) -> bool {
         match self {
             AcquireError::Registry(e) => e.is_transient(),
+            AcquireError::PublicIpInUse { .. } => false,
             _ => true,
         }
     }
@@ -109,7 +163,19 @@ async fn acquire_inner(
 ) -> Result<Acquired, AcquireError> {
     for _ in 0..MAX_ATTEMPTS {
         let set = reg.list_leases().await?;
-        let mine = |l: &&Lease| l.public_ip() == Some(me) && cfg.is_leasable(&l.subnet);
+        let mine = |l: &&Lease| req.owns(l) && cfg.is_leasable(&l.subnet);
+        // Another node with our PublicIP: stop before writing anything (no tug of war).
+        if let Some(l) = set
+            .leases
+            .values()
+            .find(|l| l.public_ip() == Some(me) && !req.owns(l))
+        {
+            return Err(AcquireError::PublicIpInUse {
+                subnet: l.subnet,
+                ip: me,
+                holder: holder(l),
+            });
+        }
 
         // 1. A reservation for us wins over everything: the operator pinned this node.
         if let Some(r) = set
@@ -132,11 +198,18 @@ async fn acquire_inner(
         let previous = req.previous.filter(|p| cfg.is_leasable(p));
         if let Some(p) = previous {
             match set.leases.get(&p) {
-                Some(l) if l.public_ip() == Some(me) => {
+                Some(l) if req.owns(l) => {
                     if let Some(a) = take_over(reg, l, req, ttl_secs, granted).await? {
                         return Ok(a);
                     }
                     continue;
+                }
+                Some(l) if req.previous_in_use > 0 => {
+                    return Err(AcquireError::PreviousTaken {
+                        subnet: p,
+                        holder: holder(l),
+                        pods: req.previous_in_use,
+                    })
                 }
                 Some(l) => warn!(
                     subnet = %p,
@@ -193,7 +266,7 @@ async fn acquire_inner(
 }
 
 /// A lease granted for a claim that did not end up using it would only expire after its TTL
-/// (a day by default); revoke it now. Best effort: etcd expires it anyway.
+/// (an hour by default); revoke it now. Best effort: etcd expires it anyway.
 async fn revoke_unused(reg: &Registry, granted: Option<i64>, won: Option<&Acquired>) {
     let used = won.and_then(|a| a.lease_id);
     if let Some(id) = granted.filter(|g| Some(*g) != used) {
@@ -307,8 +380,9 @@ async fn update_value(
 pub enum ReassertError {
     #[error(
         "subnet {subnet} is now leased by another node ({holder}); refusing to renumber this node \
-         silently, which would strand its running pods. Drain the node, run `overlayd release` \
-         (or delete {subnet}'s key if it is stale), then restart overlayd"
+         silently, which would strand its running pods. Free {subnet} (run `overlayd release` on \
+         the other node, or delete its key if it is stale) and this node takes it back; or drain \
+         this node, delete its pods and the CNI store, then restart overlayd"
     )]
     Taken { subnet: Ipv4Network, holder: String },
     #[error(transparent)]
@@ -349,7 +423,7 @@ async fn reassert_inner(
                     });
                 }
             }
-            Some(l) if l.public_ip() == Some(req.value.public_ip) => {
+            Some(l) if req.owns(l) => {
                 if l.is_reservation() {
                     if update_value(reg, l, None, &req.value).await? {
                         return Ok(Acquired {
@@ -365,14 +439,7 @@ async fn reassert_inner(
             Some(l) => {
                 return Err(ReassertError::Taken {
                     subnet,
-                    holder: l
-                        .value
-                        .as_ref()
-                        .map(|v| match &v.node_name {
-                            Some(n) => format!("{n}, {}", v.public_ip),
-                            None => v.public_ip.to_string(),
-                        })
-                        .unwrap_or_else(|| "unreadable value".into()),
+                    holder: holder(l),
                 })
             }
         }

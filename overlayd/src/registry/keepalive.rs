@@ -5,16 +5,20 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::client::Registry;
+use super::client::{Registry, RegistryError};
 use crate::backoff::Backoff;
 
-/// How often to refresh a lease of `ttl`: a third of it, within [0.5 s, 10 min].
+/// How often to refresh a lease of `ttl`: a quarter of it (three refreshes may fail before the lease
+/// expires), within [0.5 s, 10 min].
 pub fn interval(ttl: Duration) -> Duration {
-    (ttl / 3).clamp(Duration::from_millis(500), Duration::from_secs(600))
+    (ttl / 4).clamp(Duration::from_millis(500), Duration::from_secs(600))
 }
 
 /// Refreshes `lease_id` until etcd says it no longer exists, then returns. While etcd is unreachable
 /// it retries with a capped backoff and returns nothing: the data plane keeps running unchanged.
+///
+/// A lease that expired while this node was cut off from etcd shows up as a keep-alive stream that
+/// cannot be opened ("lease not found"): that is an expiry too, not a reason to retry.
 pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration) {
     let every = interval(ttl);
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -24,6 +28,7 @@ pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration) {
             .await;
         let (mut keeper, mut stream) = match opened {
             Ok(pair) => pair,
+            Err(e) if is_lease_not_found(&e) => return,
             Err(e) => {
                 let wait = backoff.next_delay();
                 warn!("cannot keep lease {lease_id:x} alive: {e}; retrying in {wait:?}");
@@ -69,4 +74,10 @@ pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration) {
         let wait = backoff.next_delay();
         tokio::time::sleep(wait).await;
     }
+}
+
+/// etcd-client opens a keep-alive stream with a first keep-alive and reports a TTL of 0 (etcd's
+/// answer for a lease it does not know) as "lease not found".
+fn is_lease_not_found(e: &RegistryError) -> bool {
+    matches!(e, RegistryError::Rejected { detail, .. } if detail.contains("lease not found"))
 }

@@ -7,6 +7,7 @@
 
 pub mod acquire;
 pub mod client;
+pub mod config_watch;
 pub mod keepalive;
 pub mod keys;
 pub mod lease_value;

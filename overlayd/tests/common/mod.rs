@@ -87,6 +87,7 @@ pub fn request(ip: Ipv4Addr, ttl: Duration) -> AcquireRequest {
     AcquireRequest {
         value: LeaseValue::vxlan(ip, 1, Mac::for_vtep(ip, 1), &format!("node-{ip}")),
         previous: None,
+        previous_in_use: 0,
         ttl,
     }
 }

@@ -1,0 +1,498 @@
+//! What the daemon knows about itself, for probes, operators and dashboards: `/healthz`
+//! (liveness), `/readyz` (readiness, naming the failing check), `/status` (JSON of everything
+//! below) and `/metrics` (Prometheus).
+//!
+//! The supervisor reports into [`Health`] as things happen; nothing here changes the node. The
+//! counters make drift visible: repairs that keep climbing while the leases stay the same mean
+//! something else fights over our routes or rules.
+
+pub mod etcd_contact;
+pub mod http;
+pub mod metrics;
+pub mod readiness;
+pub mod report;
+pub mod server;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnetwork::Ipv4Network;
+use overlay_state::ipam_store;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tracing::{info, warn};
+
+use crate::config::NetworkConfig;
+use crate::dataplane::peers::{Changes, Peer};
+use crate::dataplane::Plan;
+use crate::node::Node;
+use crate::registry::{Acquired, LeaseSet, Registry};
+pub use metrics::{ChangeLabels, Metrics, NetworkLabels};
+use metrics::{CheckLabels, RepairLabels};
+use report::{
+    ConfigReport, DevicesReport, EtcdReport, IpamReport, LeaseReport, NodeReport, PeerReport,
+    RepairEvent, RepairsReport, StatusReport,
+};
+
+pub use server::serve;
+
+/// How long etcd may stay silent before `/readyz` fails (`--etcd-heard-within`).
+pub const DEFAULT_ETCD_HEARD_WITHIN: Duration = Duration::from_secs(60);
+/// Repairs kept for `/status`.
+const RECENT_REPAIRS: usize = 10;
+
+/// Settings the daemon starts with that shape what is checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub lease_only: bool,
+    pub etcd_heard_within: Duration,
+}
+
+pub struct Health {
+    metrics: Metrics,
+    // The supervisor's handles on the counters it drives directly.
+    pub leases: Gauge,
+    pub peers: Gauge,
+    pub errors: Counter,
+    known: Mutex<Known>,
+    /// Wakes the etcd check when the lease changes, so its TTL is known at once.
+    lease_changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Known {
+    settings: Option<Settings>,
+    config: Option<ConfigReport>,
+    node: Option<NodeReport>,
+    lease: Option<LeaseReport>,
+    etcd: Option<EtcdState>,
+    devices: Option<(DevicesReport, rtnetlink::Handle)>,
+    peers: Vec<PeerReport>,
+    /// The last data plane pass: its lease revision, and its error if it failed.
+    last_pass: Option<(i64, Option<String>)>,
+    last_ok_revision: i64,
+    /// What the last pass could not write (`peer <subnet>`, `removing …`) and why.
+    failing: Vec<(String, String)>,
+    iptables: Option<Result<(), String>>,
+    repairs: RepairsReport,
+    recent_repairs: VecDeque<(Instant, String)>,
+    ipam: Option<(PathBuf, Ipv4Network)>,
+    /// Why this node refuses to go on (its subnet held by another node), while it does.
+    refused: Option<String>,
+}
+
+struct EtcdState {
+    endpoints: String,
+    prefix: String,
+    last_contact: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Health {
+    pub fn new() -> Health {
+        let metrics = Metrics::new();
+        Health {
+            leases: metrics.leases.clone(),
+            peers: metrics.peers.clone(),
+            errors: metrics.errors.clone(),
+            metrics,
+            known: Mutex::new(Known::default()),
+            lease_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn known(&self) -> MutexGuard<'_, Known> {
+        // A panic while holding the lock leaves plain data behind: still worth reporting.
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_settings(&self, s: Settings) {
+        self.known().settings = Some(s);
+    }
+
+    /// `Backend.DirectRouting` as applied live after a config change in etcd.
+    pub fn set_direct_routing(&self, on: bool) {
+        if let Some(c) = self.known().config.as_mut() {
+            c.direct_routing = on;
+        }
+    }
+
+    pub fn set_config(
+        &self,
+        cfg: &NetworkConfig,
+        mtu: u32,
+        ip_masq: bool,
+        lease_ttl: Duration,
+        resync: Duration,
+    ) {
+        let mut k = self.known();
+        let settings = k.settings.clone();
+        k.config = Some(ConfigReport {
+            network: cfg.network.to_string(),
+            subnet_len: cfg.subnet_len,
+            vni: cfg.backend.vni,
+            port: cfg.backend.port,
+            mtu,
+            direct_routing: cfg.backend.direct_routing,
+            ip_masq,
+            lease_only: settings.as_ref().is_some_and(|s| s.lease_only),
+            lease_ttl_seconds: lease_ttl.as_secs(),
+            resync_interval_seconds: resync.as_secs_f64(),
+            etcd_heard_within_seconds: settings
+                .map_or(DEFAULT_ETCD_HEARD_WITHIN, |s| s.etcd_heard_within)
+                .as_secs(),
+        });
+    }
+
+    pub fn set_node(&self, node: &Node) {
+        self.known().node = Some(NodeReport {
+            name: node.name.clone(),
+            iface: node.iface.clone(),
+            public_ip: node.public_ip.to_string(),
+            vtep_mac: node.vtep_mac.to_string(),
+        });
+    }
+
+    /// The etcd this daemon talks to; connecting counts as contact.
+    pub fn set_etcd(&self, reg: &Registry) {
+        self.known().etcd = Some(EtcdState {
+            endpoints: reg.endpoints().to_string(),
+            prefix: reg.keys.prefix().to_string(),
+            last_contact: None,
+            last_error: None,
+        });
+        self.etcd_answered();
+    }
+
+    pub fn etcd_answered(&self) {
+        if let Some(e) = self.known().etcd.as_mut() {
+            e.last_contact = Some(Instant::now());
+            e.last_error = None;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.metrics.etcd_last_contact.set(now);
+    }
+
+    pub fn etcd_failed(&self, error: String) {
+        if let Some(e) = self.known().etcd.as_mut() {
+            e.last_error = Some(error);
+        }
+    }
+
+    /// This node holds `a` (leased, taken back or re-asserted).
+    pub fn set_lease(&self, a: &Acquired) {
+        self.known().lease = Some(LeaseReport {
+            subnet: a.subnet.to_string(),
+            lease_id: a.lease_id.map(|l| format!("{l:x}")),
+            reservation: a.lease_id.is_none(),
+            held: true,
+            ttl_left_seconds: None,
+            granted_ttl_seconds: None,
+        });
+        self.metrics.lease_ttl.set(-1);
+        self.lease_changed.notify_one();
+    }
+
+    /// etcd says our lease is gone; the supervisor is leasing the subnet again.
+    pub fn lease_lost(&self) {
+        if let Some(l) = self.known().lease.as_mut() {
+            l.held = false;
+            l.ttl_left_seconds = Some(0);
+        }
+        self.metrics.lease_ttl.set(0);
+    }
+
+    /// Not ready with `why` (this node's subnet is held by another node), until called with `None`.
+    pub fn set_refused(&self, why: Option<String>) {
+        self.known().refused = why;
+    }
+
+    /// The lease to check the TTL of, if any.
+    pub fn lease_id(&self) -> Option<i64> {
+        let k = self.known();
+        let id = k.lease.as_ref()?.lease_id.as_deref()?;
+        i64::from_str_radix(id, 16).ok()
+    }
+
+    pub fn set_lease_ttl(&self, left: i64, granted: i64) {
+        if let Some(l) = self.known().lease.as_mut() {
+            l.ttl_left_seconds = Some(left);
+            l.granted_ttl_seconds = Some(granted);
+            if left <= 0 {
+                l.held = false;
+            }
+        }
+        self.metrics.lease_ttl.set(left);
+    }
+
+    /// Kept for the supervisor: `false` marks the lease as not held.
+    pub fn set_leased(&self, v: bool) {
+        if !v {
+            self.lease_lost();
+        }
+    }
+
+    /// The devices the data plane made; `/readyz` looks them up in the kernel on each call.
+    pub fn set_devices(&self, handle: rtnetlink::Handle, plan: &Plan) {
+        self.known().devices = Some((
+            DevicesReport {
+                vtep: plan.vtep.name.clone(),
+                bridge: plan.bridge.name.clone(),
+                mtu: plan.vtep.mtu,
+            },
+            handle,
+        ));
+    }
+
+    /// Where to count pod addresses from: the plugin's data dir, and the subnet leased.
+    pub fn set_ipam(&self, data_dir: PathBuf, subnet: Ipv4Network) {
+        self.metrics
+            .pod_capacity
+            .set(ipam_store::pod_capacity(subnet) as i64);
+        self.known().ipam = Some((data_dir, subnet));
+    }
+
+    /// Kept for the supervisor's older calls; [`Health::record_pass`] says more.
+    pub fn set_dataplane_ok(&self, ok: bool) {
+        if !ok {
+            let mut k = self.known();
+            let rev = k.last_pass.as_ref().map_or(0, |p| p.0);
+            k.last_pass = Some((rev, Some("the last data plane pass failed".into())));
+        }
+    }
+
+    pub fn count_changes(&self, added: usize, removed: usize) {
+        for (op, n) in [("added", added), ("removed", removed)] {
+            if n > 0 {
+                self.metrics
+                    .changes
+                    .get_or_create(&ChangeLabels { op: op.into() })
+                    .inc_by(n as u64);
+            }
+        }
+    }
+
+    /// One data plane pass over the leases at `set.revision`, which asked for `peers`. Changes made
+    /// at a revision that was already fully programmed are repairs (someone removed our entries).
+    pub fn record_pass<'a>(
+        &self,
+        set: &LeaseSet,
+        peers: &BTreeMap<Ipv4Network, Peer>,
+        failing: impl Iterator<Item = (&'a str, &'a str)>,
+        result: Result<Changes, &dyn std::fmt::Display>,
+    ) {
+        let failing: Vec<(String, String)> = failing
+            .map(|(what, e)| (what.to_string(), e.to_string()))
+            .collect();
+        let mut k = self.known();
+        k.failing = failing.clone();
+        match result {
+            Ok(c) => {
+                self.count_changes(c.added, c.removed);
+                self.metrics.peer_errors.inc_by(c.errors as u64);
+                self.metrics.peers_failing.set(c.failing as i64);
+                self.metrics.peers.set(peers.len() as i64);
+                let n = c.added + c.removed;
+                if n > 0 && k.last_ok_revision == set.revision {
+                    let what = format!(
+                        "data plane: {} entries put back, {} removed, leases unchanged",
+                        c.added, c.removed
+                    );
+                    info!("repaired {what}");
+                    k.repairs.dataplane += 1;
+                    push_repair(&mut k, what);
+                    self.metrics
+                        .repairs
+                        .get_or_create(&RepairLabels {
+                            kind: "dataplane".into(),
+                        })
+                        .inc();
+                }
+                k.last_ok_revision = set.revision;
+                k.last_pass = Some((set.revision, None));
+                k.peers = peers
+                    .values()
+                    .map(|p| {
+                        let key = format!("peer {}", p.subnet);
+                        match failing.iter().find(|(what, _)| *what == key) {
+                            Some((_, e)) => peer_report(p, set, &format!("failing: {e}")),
+                            None => peer_report(p, set, "programmed"),
+                        }
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                self.metrics.errors.inc();
+                k.last_pass = Some((set.revision, Some(e.to_string())));
+                let programmed: Vec<String> = k
+                    .peers
+                    .iter()
+                    .filter(|p| p.state == "programmed")
+                    .map(|p| p.subnet.clone())
+                    .collect();
+                k.peers = peers
+                    .values()
+                    .map(|p| {
+                        let state = if programmed.contains(&p.subnet.to_string()) {
+                            "programmed"
+                        } else {
+                            "pending"
+                        };
+                        peer_report(p, set, state)
+                    })
+                    .collect();
+            }
+        }
+    }
+
+    /// One iptables check. `Ok(true)` after an earlier success means our rules had gone and were
+    /// restored: a repair.
+    pub fn record_iptables<E: std::fmt::Display>(&self, result: &Result<bool, E>) {
+        let mut k = self.known();
+        match result {
+            Ok(wrote) => {
+                if *wrote && matches!(k.iptables, Some(Ok(()))) {
+                    let what = "iptables: our rules were missing and were restored".to_string();
+                    info!("repaired {what}");
+                    k.repairs.iptables += 1;
+                    push_repair(&mut k, what);
+                    self.metrics
+                        .repairs
+                        .get_or_create(&RepairLabels {
+                            kind: "iptables".into(),
+                        })
+                        .inc();
+                }
+                k.iptables = Some(Ok(()));
+            }
+            Err(e) => k.iptables = Some(Err(e.to_string())),
+        }
+    }
+
+    /// Recounts the pod addresses (a directory listing per network; no file is read).
+    fn ipam_usage(&self) -> Vec<IpamReport> {
+        let Some((dir, subnet)) = self.known().ipam.clone() else {
+            return Vec::new();
+        };
+        let capacity = ipam_store::pod_capacity(subnet);
+        self.metrics.pod_addresses.clear();
+        let mut out = Vec::new();
+        for u in ipam_store::usage(&dir, subnet) {
+            let (allocated, error) = match u.allocated {
+                Ok(n) => {
+                    self.metrics
+                        .pod_addresses
+                        .get_or_create(&NetworkLabels {
+                            network: u.network.clone(),
+                        })
+                        .set(n as i64);
+                    (Some(n), None)
+                }
+                Err(e) => {
+                    warn!(network = u.network, "cannot count pod addresses: {e}");
+                    (None, Some(e.to_string()))
+                }
+            };
+            out.push(IpamReport {
+                network: u.network,
+                store: u.dir.display().to_string(),
+                allocated,
+                capacity,
+                error,
+            });
+        }
+        out
+    }
+
+    /// The whole report; readiness checks included (they look up the devices in the kernel).
+    pub async fn report(&self) -> StatusReport {
+        let checks = readiness::checks(self).await;
+        let ready = checks.iter().all(|c| c.ok);
+        self.metrics.ready.set(i64::from(ready));
+        for c in &checks {
+            self.metrics
+                .check_ok
+                .get_or_create(&CheckLabels {
+                    check: c.name.clone(),
+                })
+                .set(i64::from(c.ok));
+        }
+        let k = self.known();
+        let now = Instant::now();
+        let etcd = match &k.etcd {
+            Some(e) => EtcdReport {
+                endpoints: e.endpoints.clone(),
+                prefix: e.prefix.clone(),
+                last_contact_seconds_ago: e.last_contact.map(|t| secs(now - t)),
+                last_error: e.last_error.clone(),
+            },
+            None => EtcdReport {
+                endpoints: String::new(),
+                prefix: String::new(),
+                last_contact_seconds_ago: None,
+                last_error: Some("not connected yet".into()),
+            },
+        };
+        let mut repairs = k.repairs.clone();
+        repairs.recent = k
+            .recent_repairs
+            .iter()
+            .map(|(t, what)| RepairEvent {
+                seconds_ago: secs(now - *t),
+                what: what.clone(),
+            })
+            .collect();
+        StatusReport {
+            ready,
+            checks,
+            config: k.config.clone(),
+            node: k.node.clone(),
+            lease: k.lease.clone(),
+            etcd,
+            devices: k.devices.as_ref().map(|d| d.0.clone()),
+            peers: k.peers.clone(),
+            ipam: Vec::new(),
+            repairs,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+fn push_repair(k: &mut Known, what: String) {
+    if k.recent_repairs.len() == RECENT_REPAIRS {
+        k.recent_repairs.pop_front();
+    }
+    k.recent_repairs.push_back((Instant::now(), what));
+}
+
+fn peer_report(p: &Peer, set: &LeaseSet, state: &str) -> PeerReport {
+    PeerReport {
+        subnet: p.subnet.to_string(),
+        public_ip: p.public_ip.to_string(),
+        node_name: set
+            .leases
+            .get(&p.subnet)
+            .and_then(|l| l.value.as_ref())
+            .and_then(|v| v.node_name.clone()),
+        vtep_mac: p.mac.to_string(),
+        direct: p.direct,
+        state: state.into(),
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
+}

@@ -1,0 +1,117 @@
+//! What `/status` answers: everything the daemon knows, as JSON. `overlayd status` reads the same
+//! types back, so the text it prints and the JSON can never disagree.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Check {
+    /// `lease`, `devices`, `iptables`, `peers`, `etcd`
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Every readiness check passes (what `/readyz` answers).
+    pub ready: bool,
+    pub checks: Vec<Check>,
+    pub config: Option<ConfigReport>,
+    pub node: Option<NodeReport>,
+    pub lease: Option<LeaseReport>,
+    pub etcd: EtcdReport,
+    pub devices: Option<DevicesReport>,
+    pub peers: Vec<PeerReport>,
+    pub ipam: Vec<IpamReport>,
+    pub repairs: RepairsReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigReport {
+    pub network: String,
+    pub subnet_len: u8,
+    pub vni: u32,
+    pub port: u16,
+    pub mtu: u32,
+    pub direct_routing: bool,
+    pub ip_masq: bool,
+    pub lease_only: bool,
+    pub lease_ttl_seconds: u64,
+    pub resync_interval_seconds: f64,
+    pub etcd_heard_within_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub iface: String,
+    pub public_ip: String,
+    pub vtep_mac: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseReport {
+    pub subnet: String,
+    /// etcd lease id in hex, as `etcdctl lease list` shows it; `None` for a reservation.
+    pub lease_id: Option<String>,
+    pub reservation: bool,
+    /// False after etcd said the lease expired, until the same subnet is leased again.
+    pub held: bool,
+    /// Seconds left at the last check (`None`: not checked yet, or a reservation).
+    pub ttl_left_seconds: Option<i64>,
+    pub granted_ttl_seconds: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EtcdReport {
+    pub endpoints: String,
+    pub prefix: String,
+    /// Seconds since etcd last answered (`None`: never).
+    pub last_contact_seconds_ago: Option<f64>,
+    /// The last failed call, cleared by the next answer.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesReport {
+    pub vtep: String,
+    pub bridge: String,
+    pub mtu: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub subnet: String,
+    pub public_ip: String,
+    pub node_name: Option<String>,
+    pub vtep_mac: String,
+    /// Routed straight over the underlay (`Backend.DirectRouting`), not through the tunnel.
+    pub direct: bool,
+    /// `programmed` once its route, ARP and FDB entries are in the kernel; `pending` until then.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IpamReport {
+    pub network: String,
+    pub store: String,
+    pub allocated: Option<usize>,
+    pub capacity: usize,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RepairsReport {
+    /// Routes, ARP/FDB entries or devices put back while the leases stayed the same.
+    pub dataplane: u64,
+    /// Times our iptables rules were found missing and restored.
+    pub iptables: u64,
+    /// The latest repairs, newest last.
+    pub recent: Vec<RepairEvent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairEvent {
+    pub seconds_ago: f64,
+    pub what: String,
+}
