@@ -399,6 +399,9 @@ async fn supervise(
     // iptables checks spawn processes: less often than the netlink reconcile.
     let mut iptables_tick = tokio::time::interval(IPTABLES_CHECK);
     iptables_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Failed peers are retried on their own backoff, between full passes; an idle check.
+    let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut kernel_events = if dataplane.is_some() {
         Some(monitor::spawn())
     } else {
@@ -410,8 +413,10 @@ async fn supervise(
     let mut last_iptables_error = String::new();
 
     loop {
-        // A watch event is applied as a diff; everything else checks the kernel in full.
+        // A watch event is applied as a diff, a retry writes only what failed; everything else
+        // checks the kernel in full.
         let mut full_pass = true;
+        let mut retry_only = false;
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -437,6 +442,12 @@ async fn supervise(
                 health.set_direct_routing(running.backend.direct_routing);
             }
             _ = tick.tick() => {}
+            _ = retry_tick.tick() => {
+                if !dataplane.as_deref().is_some_and(|dp| dp.retry_due()) {
+                    continue;
+                }
+                retry_only = true;
+            }
             Some(ev) = next_event(&mut kernel_events) => {
                 let mut drift = dataplane.as_deref().is_some_and(|dp| dp.is_drift(&ev));
                 // Drain what is queued; a burst (a flushed table) becomes one pass.
@@ -473,7 +484,9 @@ async fn supervise(
             continue; // nothing listed yet: never remove peers on an empty view
         }
         if let Some(dp) = dataplane.as_deref_mut() {
-            let pass = if full_pass {
+            let pass = if retry_only {
+                dp.retry(&latest).await
+            } else if full_pass {
                 dp.reconcile(&latest).await
             } else {
                 dp.apply(&latest).await

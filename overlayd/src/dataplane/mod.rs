@@ -245,10 +245,41 @@ impl Dataplane {
         }
         let new = self.plan.peers(set);
         let dev = self.ensure_devices().await?;
-        let changes =
+        for gone in self.peers.keys().filter(|s| !new.contains_key(s)) {
+            self.failures.forget_peer(gone);
+        }
+        let mut changes =
             peer_diff::apply(&self.handle, dev, &self.peers, &new, &mut self.failures).await;
         self.peers = new;
         self.peers_revision = set.revision;
+        changes.failing = self.failures.len();
+        Ok(changes)
+    }
+
+    /// Whether a failed write is due for another try.
+    pub fn retry_due(&self) -> bool {
+        let (peers, removal) = self.failures.due(std::time::Instant::now());
+        removal || !peers.is_empty()
+    }
+
+    /// Tries again what failed and is due, with no dump unless a removal failed.
+    pub async fn retry(&mut self, set: &LeaseSet) -> Result<peers::Changes, DataplaneError> {
+        let now = std::time::Instant::now();
+        let (due, removal) = self.failures.due(now);
+        if removal || self.peers_revision != set.revision {
+            return self.reconcile(set).await;
+        }
+        let dev = self.ensure_devices().await?;
+        for gone in due.iter().filter(|s| !self.peers.contains_key(s)) {
+            self.failures.forget_peer(gone);
+        }
+        let todo: Vec<&Peer> = due.iter().filter_map(|s| self.peers.get(s)).collect();
+        let mut changes = peers::Changes::default();
+        for (key, result) in peers::program_all(&self.handle, dev, todo, &Default::default()).await
+        {
+            changes.book(&mut self.failures, &key, now, result, true);
+        }
+        changes.failing = self.failures.len();
         Ok(changes)
     }
 

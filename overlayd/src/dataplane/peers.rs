@@ -121,6 +121,37 @@ impl Failures {
             .map(|(k, f)| (k.as_str(), f.last_error.as_str()))
     }
 
+    /// Forgets a peer that is no longer wanted (its lease went).
+    pub(super) fn forget_peer(&mut self, subnet: &Ipv4Network) {
+        self.by_key.remove(&format!("peer {subnet}"));
+    }
+
+    /// How many things are failing now.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// What is due for another try: peers' subnets, and whether a removal is (removals are
+    /// retried by a full pass, which finds what is still stale).
+    pub(super) fn due(&self, now: Instant) -> (Vec<Ipv4Network>, bool) {
+        let mut peers = Vec::new();
+        let mut removal = false;
+        for (k, f) in &self.by_key {
+            if f.retry_at > now {
+                continue;
+            }
+            match k.strip_prefix("peer ").and_then(|s| s.parse().ok()) {
+                Some(subnet) => peers.push(subnet),
+                None => removal = true,
+            }
+        }
+        (peers, removal)
+    }
+
     /// Forgets what no longer exists (a peer whose lease went, an entry already gone).
     fn retain(&mut self, keys: &BTreeSet<String>) {
         self.by_key.retain(|k, _| keys.contains(k));
