@@ -78,31 +78,7 @@ impl Link {
     }
 }
 
-fn attachment_hash(container_id: &str, ifname: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in container_id
-        .bytes()
-        .chain(std::iter::once(0))
-        .chain(ifname.bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The host end's name, derived from the attachment so that DEL and GC find it without the pod's
-/// netns, and a retried ADD finds what a killed one left: `veth` + 11 hex digits of FNV-1a.
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    format!("veth{:011x}", attachment_hash(container_id, ifname) >> 20)
-}
-
-/// The host end's MAC, from the same hash (locally administered, unicast): set by the plugin so
-/// that ADD need not read it back from the kernel.
-pub fn host_veth_mac(container_id: &str, ifname: &str) -> [u8; 6] {
-    let h = attachment_hash(container_id, ifname).to_be_bytes();
-    [0x0e, h[0], h[1], h[2], h[3], h[4]]
-}
+pub use overlay_state::{host_veth_mac, host_veth_name};
 
 /// Whether `name` has the shape [`host_veth_name`] gives.
 pub fn is_host_veth_name(name: &str) -> bool {

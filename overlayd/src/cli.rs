@@ -18,6 +18,16 @@ pub struct Cli {
     #[arg(long, global = true, env = "OVERLAYD_LOG_LEVEL")]
     pub log_level: Option<String>,
 
+    /// `text` for people, `json` for log pipelines (one object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "OVERLAYD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: crate::logging::LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }

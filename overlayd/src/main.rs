@@ -9,7 +9,7 @@ use overlayd::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    overlayd::logging::init(cli.log_level.as_deref());
+    overlayd::logging::init(cli.log_level.as_deref(), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -214,3 +214,80 @@ fn status_with_the_daemon_down_says_so_first_and_reads_the_node_itself() {
     assert!(text.contains("1 of 253 allocated"), "{text}");
     assert!(text.contains("etcd:"), "{text}");
 }
+
+/// Messages of a JSON log (every line must be one JSON object), in order.
+fn json_messages(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect()
+}
+
+fn count(lines: &[Value], needle: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle))
+        })
+        .count()
+}
+
+#[test]
+fn json_logs_carry_each_state_change_once() {
+    if !require_root("json_logs_carry_each_state_change_once") {
+        return;
+    }
+    let mut lab = Lab::new(DEFAULT_CONFIG);
+    lab.add_node(&["--log-format", "json", "--resync-interval", "1s"]);
+    lab.add_node(&[]);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    let log_path = lab.nodes[0].daemon.as_ref().expect("daemon").log.clone();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // A repair: the route comes back, and is logged as one repair.
+    lab.nodes[0].ns.ip(&["route", "del", &s1]);
+    wait_for("the repair in the log", Duration::from_secs(10), || {
+        (count(&json_messages(&log()), "repaired data plane") == 1).then_some(())
+    });
+    // The peer goes: its removal is logged once, with the subnet as a field or in the text.
+    lab.stop_daemon(1, "KILL");
+    lab.etcd.ctl(&["del", &lab.subnet_key(1)]);
+    lab.wait_route(0, &s1, false, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    let settled = json_messages(&log()).len();
+    // Several more passes (every second) and iptables checks: nothing is logged again.
+    std::thread::sleep(Duration::from_secs(6));
+    let lines = json_messages(&log());
+    assert_eq!(lines.len(), settled, "{lines:#?}");
+    let leased: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("leased subnet"))
+        })
+        .collect();
+    assert_eq!(leased.len(), 1, "{lines:#?}");
+    assert_eq!(leased[0]["level"], "INFO");
+    assert_eq!(
+        leased[0]["fields"]["subnet"],
+        lab.subnet(0).to_string().as_str()
+    );
+    assert!(leased[0]["timestamp"].is_string());
+    assert!(
+        lines.iter().any(|l| {
+            l["fields"]["subnet"] == s1.as_str() && l["fields"]["message"] == "programmed peer"
+        }),
+        "{lines:#?}"
+    );
+    assert_eq!(count(&lines, "repaired data plane"), 1, "{lines:#?}");
+    assert_eq!(
+        count(&lines, &format!("removed route to {s1}")),
+        1,
+        "{lines:#?}"
+    );
+}

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use ipnetwork::Ipv4Network;
-use overlay_state::{IpamStore, SubnetFile};
+use overlay_state::{current_boot_id, IpamStore, SubnetFile};
 
 use crate::config::{Env, NetConf};
 use crate::error::{code, CniError};
@@ -27,7 +27,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>),
         .as_ref()
         .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_NETNS is required for ADD"))?;
     let subnet_file = super::read_subnet_file(conf)?;
-    let store = IpamStore::new(&conf.data_dir, &conf.name)?;
+    let store = IpamStore::new(&conf.data_dir, &conf.name)?.with_boot_id(current_boot_id());
     let pod_ns = netns::open(netns_path)?;
     let (mut host, mut pod) = netns::connect_node_and_pod(&pod_ns)?;
 
@@ -56,7 +56,17 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>),
         .map_err(|e| CniError::kernel(format!("cannot set up bridge {}", conf.bridge), e))?;
 
     let key = env.key();
-    let allocated = store.allocate_counting_spares(subnet_file.subnet, &key)?;
+    // On a full subnet the store reclaims allocations whose host veth is gone: one dump.
+    let mut links = || {
+        link::all(&mut host)
+            .ok()
+            .map(|ls| ls.into_iter().map(|l| l.name).collect())
+    };
+    let allocated = store.allocate_or_reclaim(subnet_file.subnet, &key, &mut links)?;
+    for r in &allocated.reclaimed {
+        // The runtime keeps the plugin's stderr in its log; the store keeps reclaim.log.
+        eprintln!("overlay: reclaimed {r}");
+    }
     let ip = allocated.ip;
     // Made while the pod is wired; waited for before the plugin exits (also on an error here).
     let spare_maker = allocated
@@ -78,6 +88,19 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>),
             mtu,
         },
     );
+    // Wired: the allocation must still be ours (see IpamStore::holds).
+    let attached = attached.and_then(|links| match store.holds(&key, ip) {
+        Ok(true) => Ok(links),
+        Ok(false) => Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "{ip} was reclaimed while this ADD was wiring the pod (it took longer than {}s); \
+                 try again",
+                overlay_state::ipam_store::RECLAIM_GRACE.as_secs()
+            ),
+        )),
+        Err(e) => Err(e.into()),
+    });
     let (host_mac, pod_mac) = match attached {
         Ok(links) => links,
         Err(e) => {
