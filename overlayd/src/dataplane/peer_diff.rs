@@ -124,7 +124,8 @@ async fn remove(handle: &Handle, dev: Devices, r: &Removal) -> Result<usize, Dat
         .await?;
     }
     if r.route {
-        info!(subnet = %p.subnet, public_ip = %p.public_ip, "removed peer");
+        // The same words as the full pass's removal, so one peer leaving reads the same either way.
+        info!(public_ip = %p.public_ip, "removed route to {}", p.subnet);
     }
     Ok(n)
 }
