@@ -2,6 +2,7 @@
 //! equal to the set of leases until SIGTERM/SIGINT. Exiting never revokes the lease: a restarted
 //! daemon must come back with the same subnet while pods keep running.
 
+use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
 use crate::dataplane::{monitor, Dataplane, Plan};
 use crate::health::{self, Health};
 use crate::node;
+use crate::registry::screen::Ignored;
 use crate::registry::{
     self, AcquireError, AcquireRequest, Acquired, LeaseSet, LeaseValue, Registry, RegistryError,
 };
@@ -300,6 +302,7 @@ async fn guard_lease(
     health: Arc<Health>,
 ) {
     let subnet = acquired.subnet;
+    let own_key = format!("{}-{}", subnet.network(), subnet.prefix());
     let ttl = req.ttl;
     let mut keeper = spawn_keepalive(&reg, &acquired, ttl);
     loop {
@@ -321,7 +324,9 @@ async fn guard_lease(
                     continue; // nothing listed yet
                 }
                 let current = set.leases.get(&subnet);
-                if current.and_then(|l| l.value.as_ref()) == Some(&req.value) {
+                // The set keeps a key's last readable value; our own key must be what etcd has.
+                let unreadable = set.ignored.contains_key(&own_key);
+                if current.and_then(|l| l.value.as_ref()) == Some(&req.value) && !unreadable {
                     continue;
                 }
                 match current {
@@ -378,6 +383,7 @@ async fn supervise(
     mut dataplane: Option<&mut Dataplane>,
     health: Arc<Health>,
 ) -> anyhow::Result<ExitCode> {
+    let subnet = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
     let _follower = Task(tokio::spawn(registry::watch::follow(reg.clone(), tx)));
     // The config as running; only Backend.DirectRouting changes are applied live.
@@ -411,6 +417,8 @@ async fn supervise(
     // A failure that repeats every pass is logged once, not every second.
     let mut last_error = String::new();
     let mut last_iptables_error = String::new();
+    // Ignored keys already logged and counted, with the revision they were written at.
+    let mut ignored_seen: HashMap<String, i64> = HashMap::new();
 
     loop {
         // A watch event is applied as a diff, a retry writes only what failed; everything else
@@ -426,7 +434,9 @@ async fn supervise(
                 if set.revision == 0 {
                     continue;
                 }
-                latest = set.clone();
+                let (usable, ignored) = registry::screen::screen(&set, cfg, subnet);
+                note_ignored(reg, &ignored, &mut ignored_seen, &health);
+                latest = Arc::new(usable);
                 full_pass = false;
                 health.leases.set(set.leases.len() as i64);
             }
@@ -519,6 +529,29 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Logs and counts each ignored key once per write of it.
+fn note_ignored(
+    reg: &Registry,
+    ignored: &BTreeMap<String, Ignored>,
+    seen: &mut HashMap<String, i64>,
+    health: &Health,
+) {
+    for (key, i) in ignored {
+        if seen.get(key) == Some(&i.mod_revision) {
+            continue;
+        }
+        warn!(
+            reason = i.reason.label(),
+            "ignoring {}{key}: {}; the other leases are used as usual",
+            reg.keys.subnets(),
+            i.reason.describe()
+        );
+        health.count_ignored(i.reason.label());
+        seen.insert(key.clone(), i.mod_revision);
+    }
+    seen.retain(|k, _| ignored.contains_key(k));
 }
 
 /// A config changed in etcd: `Backend.DirectRouting` is applied now (the next pass moves the

@@ -26,6 +26,13 @@ pub struct RepairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why a subnet key was ignored: `not_json`, `bad_key`, `prefix_length`, `outside_network`,
+    /// `overlaps_own`, `truncated_event`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     /// A readiness check: `lease`, `devices`, `iptables`, `peers`, `etcd`.
     pub check: String,
@@ -46,6 +53,7 @@ pub struct Metrics {
     pub lease_ttl: Gauge,
     pub ready: Gauge,
     pub check_ok: Family<CheckLabels, Gauge>,
+    pub ignored_leases: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -65,6 +73,7 @@ impl Metrics {
             lease_ttl: Gauge::default(),
             ready: Gauge::default(),
             check_ok: Family::default(),
+            ignored_leases: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +136,11 @@ impl Metrics {
             "readiness_check",
             "1 when the readiness check passes, per check",
             m.check_ok.clone(),
+        );
+        registry.register(
+            "ignored_leases",
+            "Subnet keys (or watch events) ignored because overlayd cannot use them, counted once per write; they never remove a peer",
+            m.ignored_leases.clone(),
         );
         m.lease_ttl.set(-1);
         Metrics { registry, ..m }

@@ -217,6 +217,16 @@ impl Health {
         self.known().refused = why;
     }
 
+    /// One subnet key (one write of it) ignored for `reason`.
+    pub fn count_ignored(&self, reason: &str) {
+        self.metrics
+            .ignored_leases
+            .get_or_create(&metrics::ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// The lease to check the TTL of, if any.
     pub fn lease_id(&self) -> Option<i64> {
         let k = self.known();
