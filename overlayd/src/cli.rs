@@ -176,8 +176,10 @@ pub struct RunArgs {
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "OVERLAYD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
-    /// How often the data plane is checked against the leases even when nothing changed.
-    #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    /// How often the whole data plane is checked against the leases even when nothing changed.
+    /// Drift is repaired at once from the kernel's change notifications; this pass is the net
+    /// under them (and costs a dump of the routes, ARP and FDB tables each time).
+    #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
     /// Serve /healthz, /readyz, /status and /metrics (Prometheus) on this address, e.g.
     /// 0.0.0.0:9472; off when unset.

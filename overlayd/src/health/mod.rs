@@ -13,7 +13,7 @@ pub mod readiness;
 pub mod report;
 pub mod server;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -299,7 +299,7 @@ impl Health {
     pub fn record_pass<'a>(
         &self,
         set: &LeaseSet,
-        peers: &[Peer],
+        peers: &BTreeMap<Ipv4Network, Peer>,
         failing: impl Iterator<Item = (&'a str, &'a str)>,
         result: Result<Changes, &dyn std::fmt::Display>,
     ) {
@@ -333,7 +333,7 @@ impl Health {
                 k.last_ok_revision = set.revision;
                 k.last_pass = Some((set.revision, None));
                 k.peers = peers
-                    .iter()
+                    .values()
                     .map(|p| {
                         let key = format!("peer {}", p.subnet);
                         match failing.iter().find(|(what, _)| *what == key) {
@@ -353,7 +353,7 @@ impl Health {
                     .map(|p| p.subnet.clone())
                     .collect();
                 k.peers = peers
-                    .iter()
+                    .values()
                     .map(|p| {
                         let state = if programmed.contains(&p.subnet.to_string()) {
                             "programmed"
