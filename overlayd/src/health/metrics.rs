@@ -48,6 +48,9 @@ pub struct Metrics {
     pub peers_failing: Gauge,
     pub pod_addresses: Family<NetworkLabels, Gauge>,
     pub pod_capacity: Gauge,
+    pub pod_addresses_live: Family<NetworkLabels, Gauge>,
+    pub pod_addresses_reclaimable: Family<NetworkLabels, Gauge>,
+    pub pod_addresses_reclaimed: Family<NetworkLabels, Gauge>,
     pub repairs: Family<RepairLabels, Counter>,
     pub etcd_last_contact: Gauge,
     pub lease_ttl: Gauge,
@@ -68,6 +71,9 @@ impl Metrics {
             peers_failing: Gauge::default(),
             pod_addresses: Family::default(),
             pod_capacity: Gauge::default(),
+            pod_addresses_live: Family::default(),
+            pod_addresses_reclaimable: Family::default(),
+            pod_addresses_reclaimed: Family::default(),
             repairs: Family::default(),
             etcd_last_contact: Gauge::default(),
             lease_ttl: Gauge::default(),
@@ -111,6 +117,21 @@ impl Metrics {
             "pod_address_capacity",
             "Pod addresses this node's subnet has (all but network, gateway, broadcast)",
             m.pod_capacity.clone(),
+        );
+        registry.register(
+            "pod_addresses_live",
+            "Pod addresses handed out whose pod's host veth exists",
+            m.pod_addresses_live.clone(),
+        );
+        registry.register(
+            "pod_addresses_reclaimable",
+            "Pod addresses held for sandboxes gone without DEL (no host veth, older than the grace): reclaimed by the next ADD on a full subnet or by the daemon's background pass",
+            m.pod_addresses_reclaimable.clone(),
+        );
+        registry.register(
+            "pod_addresses_reclaimed",
+            "Pod addresses given back without DEL since the IPAM store was made (dead sandboxes, allocations of an earlier boot), by the plugin and the daemon; the store's own count",
+            m.pod_addresses_reclaimed.clone(),
         );
         registry.register(
             "repairs",
