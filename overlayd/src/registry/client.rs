@@ -81,9 +81,13 @@ impl Registry {
     /// first call, as [`RegistryError::Unreachable`].
     pub async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
         let endpoints = args.etcd_endpoints.join(",");
+        // Requiring a leader (etcd's `hasleader` metadata, clientv3.WithRequireLeader in Go, as
+        // kube-apiserver sets on its watches): a member cut off from the others refuses calls
+        // and cancels our watch, instead of serving a view that no longer changes.
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&args.etcd_username, &args.etcd_password) {
             // etcd forgets every token when it restarts (and after its TTL): without the refresh
             // each call would fail with "invalid auth token" from then on.
