@@ -7,6 +7,7 @@ pub mod iptables;
 pub mod links;
 pub mod monitor;
 pub mod peers;
+pub mod probe;
 pub mod sysctl;
 
 use std::net::Ipv4Addr;
