@@ -38,7 +38,26 @@ echo "==> fuzz: the plugin's input parsing, ${OVERLAY_FUZZ_SECONDS:-45}s"
 if ! bash scripts/fuzz.sh "${OVERLAY_FUZZ_SECONDS:-45}"; then
   status=1
 fi
-# One closing line for the whole suite (cargo prints one per test binary, the last often "0 passed").
+# Every manifest against the API schemas of each Kubernetes version EKS supports.
+echo "==> manifests (kubernetes-validate --strict)"
+scripts/validate-manifests.sh || status=1
+# The node image (reusing the release build above), then the DaemonSet from it on three lab nodes.
+if [[ $(id -u) == 0 ]]; then
+  echo "==> node image (scripts/image.sh)"
+  if scripts/image.sh; then
+    echo "==> the DaemonSet run for real (tests/daemonset/run.sh)"
+    tests/daemonset/run.sh 2>&1 | tee -a "$log" || status=1
+  else
+    echo "node image: FAILED (scripts/image.sh)" | tee -a "$log"
+    status=1
+  fi
+else
+  echo "NOTE: not root: the image build and the DaemonSet test skip" >&2
+fi
+# One closing line for the whole suite (cargo prints one per test binary, the last often "0 passed";
+# the DaemonSet test prints "daemonset: N passed, N failed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
+     /^daemonset: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
+     /^node image: FAILED/ { f += 1 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, g }' "$log"
 exit "$status"

@@ -28,6 +28,8 @@ OVERLAY_DEPS=(
   "containerd:containerd"        # the DaemonSet test's pods, made through the installed conflist
   "ctr:containerd"
   "runc:runc"
+  "/usr/lib/python3/dist-packages/yaml/__init__.py:python3-yaml"  # the DaemonSet test renders the manifests
+  "/usr/lib/python3.11/ensurepip:python3-venv"  # kubernetes-validate's venv (scripts/validate-manifests.sh)
 )
 
 ensure_deps() {

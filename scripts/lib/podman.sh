@@ -21,10 +21,14 @@ network_config_dir = "$d/cni"
 CONF
 }
 
+# podman writes its blob-info cache to /var/lib/containers/cache whatever --root says: a private
+# mount namespace puts a directory of ours there (only podman's view of /var/lib changes).
 lab_podman() {
   _lab_podman_conf
-  CONTAINERS_CONF=$OVERLAY_PODMAN_DIR/containers.conf \
-    podman --root "$OVERLAY_PODMAN_DIR/root" --runroot "$OVERLAY_PODMAN_DIR/run" "$@"
+  mkdir -p "$OVERLAY_PODMAN_DIR/varlib"
+  CONTAINERS_CONF=$OVERLAY_PODMAN_DIR/containers.conf unshare -m --propagation private \
+    sh -c 'mount --bind "$1" /var/lib && shift && exec podman "$@"' lab_podman "$OVERLAY_PODMAN_DIR/varlib" \
+    --root "$OVERLAY_PODMAN_DIR/root" --runroot "$OVERLAY_PODMAN_DIR/run" "$@"
 }
 
 # debian:bookworm-slim as Docker's official image is made (debuerreotype's "slim": minbase without

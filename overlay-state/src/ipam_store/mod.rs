@@ -371,17 +371,7 @@ pub fn usage(data_dir: &Path, subnet: Ipv4Network) -> Vec<StoreUsage> {
     let Some((first, last)) = pod_range(subnet) else {
         return Vec::new();
     };
-    let mut names: Vec<String> = match fs::read_dir(data_dir) {
-        Ok(entries) => entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| valid_network_name(n))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    names.sort();
-    names
+    network_names(data_dir)
         .into_iter()
         .map(|network| {
             let dir = data_dir.join(&network);
@@ -404,6 +394,22 @@ pub fn usage(data_dir: &Path, subnet: Ipv4Network) -> Vec<StoreUsage> {
             }
         })
         .collect()
+}
+
+/// The CNI networks with a store under `data_dir` (the plugin's `dataDir`), sorted; none when
+/// it does not exist.
+pub fn network_names(data_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs::read_dir(data_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_network_name(n))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
 }
 
 /// CNI network names are `[A-Za-z0-9][A-Za-z0-9_.-]*`; also what keeps one from escaping `dataDir`.

@@ -27,6 +27,13 @@ pub struct RepairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why a subnet key was ignored: `not_json`, `bad_key`, `prefix_length`, `outside_network`,
+    /// `overlaps_own`, `truncated_event`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     /// A readiness check: `lease`, `devices`, `iptables`, `peers`, `etcd`.
     pub check: String,
@@ -42,6 +49,9 @@ pub struct Metrics {
     pub peers_failing: Gauge,
     pub pod_addresses: Family<NetworkLabels, Gauge>,
     pub pod_capacity: Gauge,
+    pub pod_addresses_live: Family<NetworkLabels, Gauge>,
+    pub pod_addresses_reclaimable: Family<NetworkLabels, Gauge>,
+    pub pod_addresses_reclaimed: Family<NetworkLabels, Gauge>,
     pub repairs: Family<RepairLabels, Counter>,
     pub etcd_last_contact: Gauge,
     pub lease_ttl: Gauge,
@@ -52,6 +62,7 @@ pub struct Metrics {
     pub probe_rtt: Histogram,
     pub peers_reachable: Gauge,
     pub peers_unreachable: Gauge,
+    pub ignored_leases: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -66,6 +77,9 @@ impl Metrics {
             peers_failing: Gauge::default(),
             pod_addresses: Family::default(),
             pod_capacity: Gauge::default(),
+            pod_addresses_live: Family::default(),
+            pod_addresses_reclaimable: Family::default(),
+            pod_addresses_reclaimed: Family::default(),
             repairs: Family::default(),
             etcd_last_contact: Gauge::default(),
             lease_ttl: Gauge::default(),
@@ -77,6 +91,7 @@ impl Metrics {
             probe_rtt: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             peers_reachable: Gauge::default(),
             peers_unreachable: Gauge::default(),
+            ignored_leases: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -114,6 +129,21 @@ impl Metrics {
             "pod_address_capacity",
             "Pod addresses this node's subnet has (all but network, gateway, broadcast)",
             m.pod_capacity.clone(),
+        );
+        registry.register(
+            "pod_addresses_live",
+            "Pod addresses handed out whose pod's host veth exists",
+            m.pod_addresses_live.clone(),
+        );
+        registry.register(
+            "pod_addresses_reclaimable",
+            "Pod addresses held for sandboxes gone without DEL (no host veth, older than the grace): reclaimed by the next ADD on a full subnet or by the daemon's background pass",
+            m.pod_addresses_reclaimable.clone(),
+        );
+        registry.register(
+            "pod_addresses_reclaimed",
+            "Pod addresses given back without DEL since the IPAM store was made (dead sandboxes, allocations of an earlier boot), by the plugin and the daemon; the store's own count",
+            m.pod_addresses_reclaimed.clone(),
         );
         registry.register(
             "repairs",
@@ -164,6 +194,11 @@ impl Metrics {
             "peers_unreachable",
             "Peers that missed 3 probes in a row (see /status for the likely cause)",
             m.peers_unreachable.clone(),
+        );
+        registry.register(
+            "ignored_leases",
+            "Subnet keys (or watch events) ignored because overlayd cannot use them, counted once per write; they never remove a peer",
+            m.ignored_leases.clone(),
         );
         m.lease_ttl.set(-1);
         Metrics { registry, ..m }

@@ -14,15 +14,17 @@ pub mod readiness;
 pub mod report;
 pub mod server;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
-use overlay_state::ipam_store;
+use overlay_state::{ipam_store, IpamStore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use rtnetlink::packet_route::link::LinkAttribute;
 use tracing::{info, warn};
 
 use crate::config::NetworkConfig;
@@ -61,6 +63,8 @@ pub struct Health {
     /// Wakes the etcd check when the lease changes, so its TTL is known at once.
     lease_changed: tokio::sync::Notify,
     prober: Mutex<Option<crate::dataplane::probe::Prober>>,
+    /// The lease revision the probe targets were last taken from.
+    probe_revision: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Default)]
@@ -111,6 +115,7 @@ impl Health {
             known: Mutex::new(Known::default()),
             lease_changed: tokio::sync::Notify::new(),
             prober: Mutex::new(None),
+            probe_revision: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 
@@ -222,6 +227,16 @@ impl Health {
         self.known().refused = why;
     }
 
+    /// One subnet key (one write of it) ignored for `reason`.
+    pub fn count_ignored(&self, reason: &str) {
+        self.metrics
+            .ignored_leases
+            .get_or_create(&metrics::ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// The lease to check the TTL of, if any.
     pub fn lease_id(&self) -> Option<i64> {
         let k = self.known();
@@ -292,14 +307,14 @@ impl Health {
     pub fn record_pass<'a>(
         &self,
         set: &LeaseSet,
-        peers: &[Peer],
+        peers: &BTreeMap<Ipv4Network, Peer>,
         failing: impl Iterator<Item = (&'a str, &'a str)>,
         result: Result<Changes, &dyn std::fmt::Display>,
     ) {
         let failing: Vec<(String, String)> = failing
             .map(|(what, e)| (what.to_string(), e.to_string()))
             .collect();
-        self.probe_targets(peers);
+        self.probe_targets(set.revision, peers);
         let mut k = self.known();
         k.failing = failing.clone();
         match result {
@@ -327,7 +342,7 @@ impl Health {
                 k.last_ok_revision = set.revision;
                 k.last_pass = Some((set.revision, None));
                 k.peers = peers
-                    .iter()
+                    .values()
                     .map(|p| {
                         let key = format!("peer {}", p.subnet);
                         match failing.iter().find(|(what, _)| *what == key) {
@@ -347,7 +362,7 @@ impl Health {
                     .map(|p| p.subnet.clone())
                     .collect();
                 k.peers = peers
-                    .iter()
+                    .values()
                     .map(|p| {
                         let state = if programmed.contains(&p.subnet.to_string()) {
                             "programmed"
@@ -385,8 +400,38 @@ impl Health {
         }
     }
 
-    /// Recounts the pod addresses (a directory listing per network; no file is read).
-    fn ipam_usage(&self) -> Vec<IpamReport> {
+    /// Where pod addresses are counted and reclaimed: the plugin's data dir and the subnet.
+    pub fn ipam_target(&self) -> Option<(PathBuf, Ipv4Network)> {
+        self.known().ipam.clone()
+    }
+
+    /// The names of the node's links, in one dump through the data plane's netlink handle; None
+    /// before the devices exist or if the dump fails (then nothing is reclaimed).
+    pub async fn link_names(&self) -> Option<HashSet<String>> {
+        let handle = self.known().devices.as_ref().map(|(_, h)| h.clone())?;
+        let mut links = handle.link().get().execute();
+        let mut names = HashSet::new();
+        loop {
+            match links.try_next().await {
+                Ok(Some(msg)) => {
+                    for a in msg.attributes {
+                        if let LinkAttribute::IfName(n) = a {
+                            names.insert(n);
+                        }
+                    }
+                }
+                Ok(None) => return Some(names),
+                Err(e) => {
+                    warn!("cannot list the node's links: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Recounts the pod addresses per network: allocations by name, and, with the node's link
+    /// names, which belong to live pods and which are leftovers (reads each allocation's file).
+    pub fn ipam_usage(&self, links: Option<&HashSet<String>>) -> Vec<IpamReport> {
         let Some((dir, subnet)) = self.known().ipam.clone() else {
             return Vec::new();
         };
@@ -394,13 +439,14 @@ impl Health {
         self.metrics.pod_addresses.clear();
         let mut out = Vec::new();
         for u in ipam_store::usage(&dir, subnet) {
-            let (allocated, error) = match u.allocated {
+            let labels = NetworkLabels {
+                network: u.network.clone(),
+            };
+            let (allocated, mut error) = match u.allocated {
                 Ok(n) => {
                     self.metrics
                         .pod_addresses
-                        .get_or_create(&NetworkLabels {
-                            network: u.network.clone(),
-                        })
+                        .get_or_create(&labels)
                         .set(n as i64);
                     (Some(n), None)
                 }
@@ -409,12 +455,42 @@ impl Health {
                     (None, Some(e.to_string()))
                 }
             };
+            let store = IpamStore::new(&dir, &u.network).ok();
+            let survey = match (links, &store) {
+                (Some(links), Some(store)) => match store.survey(subnet, links) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        error.get_or_insert(e.to_string());
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let reclaimed_total = store.map(|s| s.reclaimed_total()).unwrap_or(0);
+            self.metrics
+                .pod_addresses_reclaimed
+                .get_or_create(&labels)
+                .set(reclaimed_total as i64);
+            if let Some(s) = &survey {
+                self.metrics
+                    .pod_addresses_live
+                    .get_or_create(&labels)
+                    .set(s.live as i64);
+                self.metrics
+                    .pod_addresses_reclaimable
+                    .get_or_create(&labels)
+                    .set(s.reclaimable as i64);
+            }
             out.push(IpamReport {
                 network: u.network,
                 store: u.dir.display().to_string(),
                 allocated,
                 capacity,
                 error,
+                live: survey.as_ref().map(|s| s.live),
+                reclaimable: survey.as_ref().map(|s| s.reclaimable),
+                starting: survey.as_ref().map(|s| s.young),
+                reclaimed_total,
             });
         }
         out

@@ -116,6 +116,18 @@ pub struct IpamReport {
     pub allocated: Option<usize>,
     pub capacity: usize,
     pub error: Option<String>,
+    /// Of those allocated: pods whose host veth exists (None: the node's links were not read).
+    #[serde(default)]
+    pub live: Option<usize>,
+    /// Leftovers of sandboxes gone without DEL (no host veth, older than the grace).
+    #[serde(default)]
+    pub reclaimable: Option<usize>,
+    /// Without a host veth but younger than the grace: ADDs in progress (or just killed).
+    #[serde(default)]
+    pub starting: Option<usize>,
+    /// Given back without DEL since the store was made.
+    #[serde(default)]
+    pub reclaimed_total: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -1,6 +1,5 @@
 //! Connection to etcd, and the reads every other piece builds on.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -236,15 +235,14 @@ impl Registry {
             .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut leases = BTreeMap::new();
+        let mut set = LeaseSet {
+            revision,
+            ..LeaseSet::default()
+        };
         for kv in resp.kvs() {
-            if let Some(lease) =
-                self.lease_from_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())
-            {
-                leases.insert(lease.subnet, lease);
-            }
+            set.apply_put(self, kv.key(), kv.value(), kv.lease(), kv.mod_revision());
         }
-        Ok(LeaseSet { revision, leases })
+        Ok(set)
     }
 
     /// The key of one subnet, if it exists.
@@ -310,7 +308,12 @@ impl ErrorContext {
             E::GRpcStatus(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        // A connection etcd drops in the TLS handshake (no or a refused client
+                        // certificate) can surface as a cancelled call.
+                        | tonic::Code::Cancelled
                 ) =>
             {
                 RegistryError::Unreachable {

@@ -117,9 +117,18 @@ pub fn render(r: &StatusReport, addr: SocketAddr) -> String {
                 } else {
                     ""
                 };
+                // Live pods and leftovers apart: a full subnet of leftovers heals itself.
+                let split = match (u.live, u.reclaimable, u.starting) {
+                    (Some(live), Some(left), Some(starting)) => format!(
+                        ": {live} live pods, {left} reclaimable leftovers of sandboxes gone \
+                         without DEL, {starting} starting; {} reclaimed so far",
+                        u.reclaimed_total
+                    ),
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     o,
-                    "pod addresses (network {}): {n} of {} allocated{full}",
+                    "pod addresses (network {}): {n} of {} allocated{split}{full}",
                     u.network, u.capacity
                 );
             }
