@@ -266,6 +266,36 @@ impl Etcd {
         self.wait_healthy();
     }
 
+    /// `etcdctl snapshot save` into `path`: a backup, as an operator takes one.
+    pub fn snapshot(&self, path: &std::path::Path) {
+        self.ctl(&["snapshot", "save", &path.display().to_string()]);
+    }
+
+    /// Stops the server and starts it again from `snapshot` (`etcdctl snapshot restore`), as after
+    /// a disaster recovery: every key and the revision go back to what the snapshot holds.
+    pub fn restore(&mut self, snapshot: &std::path::Path) {
+        self.stop();
+        let arg = |name: &str| {
+            let i = self.args.iter().position(|a| a == name).expect(name);
+            self.args[i + 1].clone()
+        };
+        let data = arg("--data-dir");
+        std::fs::remove_dir_all(&data).expect("remove the old data dir");
+        crate::run(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["snapshot", "restore"])
+                .arg(snapshot)
+                .args(["--data-dir", &data, "--name", &arg("--name")])
+                .args(["--initial-cluster", &arg("--initial-cluster")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &arg("--initial-advertise-peer-urls"),
+                ]),
+        );
+        self.restart();
+    }
+
     fn ctl_cmd(&self) -> Command {
         let mut c = match &self.netns {
             Some(ns) => {

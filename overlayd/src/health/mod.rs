@@ -19,12 +19,10 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use overlay_state::{ipam_store, IpamStore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use rtnetlink::packet_route::link::LinkAttribute;
 use tracing::{info, warn};
 
 use crate::config::NetworkConfig;
@@ -409,24 +407,10 @@ impl Health {
     /// before the devices exist or if the dump fails (then nothing is reclaimed).
     pub async fn link_names(&self) -> Option<HashSet<String>> {
         let handle = self.known().devices.as_ref().map(|(_, h)| h.clone())?;
-        let mut links = handle.link().get().execute();
-        let mut names = HashSet::new();
-        loop {
-            match links.try_next().await {
-                Ok(Some(msg)) => {
-                    for a in msg.attributes {
-                        if let LinkAttribute::IfName(n) = a {
-                            names.insert(n);
-                        }
-                    }
-                }
-                Ok(None) => return Some(names),
-                Err(e) => {
-                    warn!("cannot list the node's links: {e}");
-                    return None;
-                }
-            }
-        }
+        crate::netlink::link_names(&handle)
+            .await
+            .map_err(|e| warn!("cannot list the node's links: {e}"))
+            .ok()
     }
 
     /// Recounts the pod addresses per network: allocations by name, and, with the node's link

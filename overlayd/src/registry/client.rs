@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 use ipnetwork::Ipv4Network;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::keys::Keys;
 use super::lease_value::{Lease, LeaseValue};
@@ -64,6 +64,8 @@ pub struct Registry {
     client: Client,
     pub keys: Keys,
     errors: ErrorContext,
+    /// Immediate retries of a call that found no connection: twice per other endpoint.
+    retries: usize,
 }
 
 /// What an etcd failure is told with: one mapping for connecting and for every call.
@@ -81,9 +83,13 @@ impl Registry {
     /// first call, as [`RegistryError::Unreachable`].
     pub async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
         let endpoints = args.etcd_endpoints.join(",");
+        // Requiring a leader (etcd's `hasleader` metadata, clientv3.WithRequireLeader in Go, as
+        // kube-apiserver sets on its watches): a member cut off from the others refuses calls
+        // and cancels our watch, instead of serving a view that no longer changes.
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&args.etcd_username, &args.etcd_password) {
             // etcd forgets every token when it restarts (and after its TTL): without the refresh
             // each call would fail with "invalid auth token" from then on.
@@ -135,6 +141,7 @@ impl Registry {
             client,
             keys,
             errors,
+            retries: 2 * args.etcd_endpoints.len().saturating_sub(1),
         })
     }
 
@@ -152,22 +159,35 @@ impl Registry {
     /// does that by itself only for "invalid auth token", not for "revision of auth store is old",
     /// which etcd answers (with JWT tokens, and to calls in flight during the change) after any
     /// `user add` or `role grant` by anyone.
+    ///
+    /// With several endpoints, a call that fails at once for want of a connection (a member down,
+    /// or without a leader) is made again: etcd-client's balancing picks endpoints at random and
+    /// does not leave a dead one out, so the next try most likely reaches a live member.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match self.call_once(f(self.client.clone())).await {
-            Err(Stale(e)) if self.errors.user.is_some() => {
-                info!(
-                    "etcd's auth store changed since this node logged in ({e}); logging in again"
-                );
-                self.relogin().await?;
-                self.call_once(f(self.client.clone()))
-                    .await
-                    .map_err(|c| c.into_error(self))
+        let mut relogged = false;
+        let mut other_members = self.retries;
+        loop {
+            match self.call_once(f(self.client.clone())).await {
+                Ok(v) => return Ok(v),
+                Err(Stale(e)) if self.errors.user.is_some() && !relogged => {
+                    info!(
+                        "etcd's auth store changed since this node logged in ({e}); logging in again"
+                    );
+                    self.relogin().await?;
+                    relogged = true;
+                }
+                Err(CallError::Failed(e @ RegistryError::Unreachable { .. }))
+                    if other_members > 0 =>
+                {
+                    other_members -= 1;
+                    debug!("{e}; trying again (another member)");
+                }
+                Err(c) => return Err(c.into_error(self)),
             }
-            other => other.map_err(|c| c.into_error(self)),
         }
     }
 
@@ -179,7 +199,7 @@ impl Registry {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_stale_login(&e) => Err(Stale(e)),
             Ok(Err(e)) => Err(CallError::Failed(self.map_err(e))),
-            Err(_) => Err(CallError::Failed(RegistryError::Unreachable {
+            Err(_) => Err(CallError::TimedOut(RegistryError::Unreachable {
                 endpoints: self.errors.endpoints.clone(),
                 detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
             })),
@@ -279,6 +299,8 @@ impl Registry {
 enum CallError {
     Stale(etcd_client::Error),
     Failed(RegistryError),
+    /// No answer within [`CALL_TIMEOUT`]: not tried again at once (it already took long).
+    TimedOut(RegistryError),
 }
 use CallError::Stale;
 
@@ -286,7 +308,7 @@ impl CallError {
     fn into_error(self, reg: &Registry) -> RegistryError {
         match self {
             Stale(e) => reg.map_err(e),
-            CallError::Failed(e) => e,
+            CallError::Failed(e) | CallError::TimedOut(e) => e,
         }
     }
 }
