@@ -193,6 +193,14 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         dp.ensure_sysctls().await?;
         dp.ensure_devices().await?;
         health.set_devices(handle.clone(), dp.plan());
+        if args.peer_probe {
+            health.start_probes(
+                reg.clone(),
+                acquired.subnet.network(),
+                cfg.backend.port,
+                args.peer_probe_interval,
+            );
+        }
         let installed = dp.ensure_iptables().await;
         health.record_iptables(&installed);
         installed?;
