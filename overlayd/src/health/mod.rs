@@ -9,6 +9,7 @@
 pub mod etcd_contact;
 pub mod http;
 pub mod metrics;
+pub mod probes;
 pub mod readiness;
 pub mod report;
 pub mod server;
@@ -33,7 +34,7 @@ pub use metrics::{ChangeLabels, Metrics, NetworkLabels};
 use metrics::{CheckLabels, RepairLabels};
 use report::{
     ConfigReport, DevicesReport, EtcdReport, IpamReport, LeaseReport, NodeReport, PeerReport,
-    RepairEvent, RepairsReport, StatusReport,
+    ProbeReport, RepairEvent, RepairsReport, StatusReport,
 };
 
 pub use server::serve;
@@ -59,6 +60,9 @@ pub struct Health {
     known: Mutex<Known>,
     /// Wakes the etcd check when the lease changes, so its TTL is known at once.
     lease_changed: tokio::sync::Notify,
+    prober: Mutex<Option<crate::dataplane::probe::Prober>>,
+    /// The lease revision the probe targets were last taken from.
+    probe_revision: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Default)]
@@ -81,6 +85,8 @@ struct Known {
     ipam: Option<(PathBuf, Ipv4Network)>,
     /// Why this node refuses to go on (its subnet held by another node), while it does.
     refused: Option<String>,
+    /// The likely cause for each peer the probes find unreachable.
+    probe_causes: BTreeMap<Ipv4Network, String>,
 }
 
 struct EtcdState {
@@ -106,6 +112,8 @@ impl Health {
             metrics,
             known: Mutex::new(Known::default()),
             lease_changed: tokio::sync::Notify::new(),
+            prober: Mutex::new(None),
+            probe_revision: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 
@@ -304,6 +312,7 @@ impl Health {
         let failing: Vec<(String, String)> = failing
             .map(|(what, e)| (what.to_string(), e.to_string()))
             .collect();
+        self.probe_targets(set.revision, peers);
         let mut k = self.known();
         k.failing = failing.clone();
         match result {
@@ -473,7 +482,8 @@ impl Health {
 
     /// The whole report; readiness checks included (they look up the devices in the kernel).
     pub async fn report(&self) -> StatusReport {
-        let checks = readiness::checks(self).await;
+        let peers = self.peers_with_probes();
+        let checks = readiness::checks(self, &peers).await;
         let ready = checks.iter().all(|c| c.ok);
         self.metrics.ready.set(i64::from(ready));
         for c in &checks {
@@ -517,10 +527,84 @@ impl Health {
             lease: k.lease.clone(),
             etcd,
             devices: k.devices.as_ref().map(|d| d.0.clone()),
-            peers: k.peers.clone(),
+            peers,
             ipam: Vec::new(),
             repairs,
         }
+    }
+
+    /// Records the cause of an unreachable peer (`None`: it answers). True when it changed.
+    pub(crate) fn set_probe_cause(&self, subnet: Ipv4Network, cause: Option<String>) -> bool {
+        let mut k = self.known();
+        match cause {
+            Some(c) => k.probe_causes.insert(subnet, c.clone()).as_ref() != Some(&c),
+            None => k.probe_causes.remove(&subnet).is_some(),
+        }
+    }
+
+    /// "10.244.5.0/24 (node1, 192.0.2.11)" for logs.
+    pub(crate) fn peer_name(&self, t: &crate::dataplane::probe::Target) -> String {
+        let k = self.known();
+        let name = k
+            .peers
+            .iter()
+            .find(|p| p.subnet == t.subnet.to_string())
+            .and_then(|p| p.node_name.clone());
+        match name {
+            Some(n) => format!("{} ({n}, {})", t.subnet, t.public_ip),
+            None => format!("{} ({})", t.subnet, t.public_ip),
+        }
+    }
+
+    /// Every peer with what its probes say.
+    pub fn peers_with_probes(&self) -> Vec<PeerReport> {
+        let (mut peers, causes) = {
+            let k = self.known();
+            (k.peers.clone(), k.probe_causes.clone())
+        };
+        self.with_probes(&mut peers, &causes);
+        peers
+    }
+
+    /// The probes' view merged into each peer (and the reachable/unreachable gauges).
+    fn with_probes(&self, peers: &mut [PeerReport], causes: &BTreeMap<Ipv4Network, String>) {
+        let snapshot = match self.prober.lock() {
+            Ok(g) => match g.as_ref() {
+                Some(p) => p.snapshot(),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let now = Instant::now();
+        let (mut up, mut down) = (0, 0);
+        for p in peers.iter_mut() {
+            let Ok(subnet) = p.subnet.parse::<Ipv4Network>() else {
+                continue;
+            };
+            let Some(s) = snapshot.get(&subnet) else {
+                continue;
+            };
+            match s.reachable {
+                Some(true) => up += 1,
+                Some(false) => down += 1,
+                None => {}
+            }
+            p.probe = Some(ProbeReport {
+                reachable: s.reachable,
+                rtt_ms: s.last_rtt.map(|r| (r.as_secs_f64() * 1e6).round() / 1e3),
+                misses: s.misses,
+                sent: s.sent,
+                answered: s.answered,
+                since_seconds: secs(now - s.since),
+                cause: if s.reachable == Some(false) {
+                    causes.get(&subnet).cloned()
+                } else {
+                    None
+                },
+            });
+        }
+        self.metrics.peers_reachable.set(up);
+        self.metrics.peers_unreachable.set(down);
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -547,6 +631,7 @@ fn peer_report(p: &Peer, set: &LeaseSet, state: &str) -> PeerReport {
         vtep_mac: p.mac.to_string(),
         direct: p.direct,
         state: state.into(),
+        probe: None,
     }
 }
 

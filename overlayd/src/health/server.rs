@@ -20,7 +20,8 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let mut checks = super::readiness::checks(&h).await;
+    let peers = h.peers_with_probes();
+    let mut checks = super::readiness::checks(&h, &peers).await;
     let ready = checks.iter().all(|c| c.ok);
     h.metrics().ready.set(i64::from(ready));
     checks.sort_by_key(|c| c.ok);
