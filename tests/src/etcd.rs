@@ -37,6 +37,72 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
+impl Tls {
+    /// A client certificate signed by the right CA that expired yesterday, and its key.
+    pub fn expired_client(&self) -> (PathBuf, PathBuf) {
+        let dir = self.ca.parent().expect("pki dir");
+        let openssl = |args: &[&str]| {
+            crate::run(Command::new("openssl").args(args).current_dir(dir));
+        };
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "expired.key",
+            "-out",
+            "expired.csr",
+            "-subj",
+            "/CN=expired",
+        ]);
+        // A negative validity: notAfter a day before notBefore (now).
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "expired.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "expired.crt",
+            "-days",
+            "-1",
+            "-extfile",
+            "client.ext",
+        ]);
+        (dir.join("expired.crt"), dir.join("expired.key"))
+    }
+
+    /// A CA that signed nothing etcd uses.
+    pub fn other_ca(&self) -> PathBuf {
+        let dir = self.ca.parent().expect("pki dir");
+        crate::run(Command::new("openssl").current_dir(dir).args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "other-ca.key",
+            "-out",
+            "other-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=some-other-ca",
+        ]));
+        dir.join("other-ca.crt")
+    }
+}
+
 /// Makes a CA, a server certificate for `ip` and a client certificate with openssl, in `dir`.
 fn make_pki(dir: &std::path::Path, ip: Ipv4Addr) -> (Tls, PathBuf, PathBuf) {
     let p = |n: &str| dir.join(n);

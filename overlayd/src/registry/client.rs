@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions};
 use ipnetwork::Ipv4Network;
 use tracing::{debug, info};
 
@@ -34,11 +34,22 @@ pub enum RegistryError {
         #[source]
         source: ConfigError,
     },
-    #[error("cannot read TLS file {path}: {source}")]
+    // `cause`, not `source`: the message says it already, `{:#}` would say it twice.
+    #[error("cannot read TLS file {path} (for etcd at {endpoints}): {cause}")]
     TlsFile {
         path: String,
-        source: std::io::Error,
+        endpoints: String,
+        cause: std::io::Error,
     },
+    #[error("TLS file {path} (for etcd at {endpoints}) {problem}")]
+    TlsContent {
+        path: String,
+        endpoints: String,
+        problem: String,
+    },
+    /// The TLS handshake failed for a reason waiting cannot fix.
+    #[error("TLS with etcd at {endpoints} failed: {detail}")]
+    TlsRejected { endpoints: String, detail: String },
     #[error("etcd at {endpoints} refused the request: {detail}")]
     Rejected { endpoints: String, detail: String },
     #[error(
@@ -76,6 +87,8 @@ struct ErrorContext {
     tls_hint: &'static str,
     prefix: String,
     user: Option<String>,
+    cafile: Option<String>,
+    certfile: Option<String>,
 }
 
 impl Registry {
@@ -97,20 +110,7 @@ impl Registry {
                 .with_user(u.clone(), p.clone())
                 .with_auto_token_refresh(true);
         }
-        if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
-            let mut tls = TlsOptions::new();
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|source| RegistryError::TlsFile {
-                    path: p.display().to_string(),
-                    source,
-                })
-            };
-            if let Some(ca) = &args.etcd_cafile {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-            }
-            if let (Some(c), Some(k)) = (&args.etcd_certfile, &args.etcd_keyfile) {
-                tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
-            }
+        if let Some(tls) = super::tls_files::load(args, &endpoints)? {
             opts = opts.with_tls(tls);
         }
         let https = args
@@ -132,6 +132,8 @@ impl Registry {
             tls_hint,
             prefix: keys.prefix().to_string(),
             user: args.etcd_username.clone(),
+            cafile: args.etcd_cafile.as_ref().map(|p| p.display().to_string()),
+            certfile: args.etcd_certfile.as_ref().map(|p| p.display().to_string()),
         };
         // With credentials, connecting authenticates at once (a call); without, it is lazy.
         let client = Client::connect(&args.etcd_endpoints, Some(opts))
@@ -338,6 +340,10 @@ impl ErrorContext {
                         | tonic::Code::Cancelled
                 ) =>
             {
+                let cause = std::error::Error::source(&s).map(root_cause);
+                if let Some(detail) = cause.as_deref().and_then(|c| self.tls_refusal(c)) {
+                    return RegistryError::TlsRejected { endpoints, detail };
+                }
                 RegistryError::Unreachable {
                     endpoints,
                     detail: match std::error::Error::source(&s) {
@@ -378,10 +384,16 @@ impl ErrorContext {
                     detail: format!("{}: {}{hint}", s.code(), s.message()),
                 }
             }
-            E::TransportError(t) => RegistryError::Unreachable {
-                endpoints,
-                detail: format!("{t}: {}{}", root_cause(&t), self.tls_hint),
-            },
+            E::TransportError(t) => {
+                let cause = root_cause(&t);
+                match self.tls_refusal(&cause) {
+                    Some(detail) => RegistryError::TlsRejected { endpoints, detail },
+                    None => RegistryError::Unreachable {
+                        endpoints,
+                        detail: format!("{t}: {cause}{}", self.tls_hint),
+                    },
+                }
+            }
             E::IoError(io) => RegistryError::Unreachable {
                 endpoints,
                 detail: io.to_string(),
@@ -390,6 +402,33 @@ impl ErrorContext {
                 endpoints,
                 detail: other.to_string(),
             },
+        }
+    }
+}
+
+impl ErrorContext {
+    /// A handshake failure that names what to fix: etcd's certificate not signed by our CA, or
+    /// our client certificate refused by etcd.
+    fn tls_refusal(&self, cause: &str) -> Option<String> {
+        let ca = self.cafile.as_deref().unwrap_or("(none given)");
+        let cert = self.certfile.as_deref().unwrap_or("(none given)");
+        if cause.contains("UnknownIssuer") || cause.contains("invalid peer certificate") {
+            Some(format!(
+                "etcd's server certificate is not signed by the CA in {ca} (--etcd-cafile): \
+                 {cause}. Pass the CA etcd's --cert-file was issued by"
+            ))
+        } else if cause.contains("BadCertificate")
+            || cause.contains("CertificateExpired")
+            || cause.contains("UnknownCA")
+            || cause.contains("CertificateRequired")
+        {
+            Some(format!(
+                "etcd refused this node's client certificate {cert} (--etcd-certfile): {cause}. \
+                 It must be signed by the CA in etcd's --trusted-ca-file and be valid now \
+                 (`openssl x509 -noout -issuer -dates -in {cert}`)"
+            ))
+        } else {
+            None
         }
     }
 }
