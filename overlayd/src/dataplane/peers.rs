@@ -613,7 +613,7 @@ mod tests {
     #[test]
     fn route_metrics_are_spread_and_never_zero() {
         let metric = |s: &str| route_metric(&s.parse().unwrap());
-        assert_eq!(metric("10.244.0.0/24"), (0x0af400 % 1024) + 1);
+        assert_eq!(metric("10.244.7.0/24"), (0x0af407 % 1024) + 1);
         let metrics: BTreeSet<u32> = (0..1024u32)
             .map(|i| {
                 route_metric(&Ipv4Network::new(Ipv4Addr::from(0x0af4_0000 + (i << 8)), 24).unwrap())
