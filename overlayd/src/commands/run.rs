@@ -66,8 +66,9 @@ async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
     }
 }
 
-/// Waits for etcd and a valid config, saying every time why it is still waiting.
-pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
+/// Waits for etcd and a valid config, saying every time why it is still waiting. A TLS handshake
+/// etcd or we refuse ends the wait: the files must change first.
+pub async fn wait_for_config(reg: &Registry) -> Result<NetworkConfig, RegistryError> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     loop {
         match reg.network_config().await {
@@ -75,8 +76,9 @@ pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
                 for w in warnings {
                     warn!("{w}");
                 }
-                return cfg;
+                return Ok(cfg);
             }
+            Err(e @ RegistryError::TlsRejected { .. }) => return Err(e),
             Err(e) => {
                 let wait = backoff.next_delay();
                 match &e {
@@ -108,7 +110,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         prefix = reg.keys.prefix(),
         "reading network config"
     );
-    let cfg = wait_for_config(&reg).await;
+    let cfg = wait_for_config(&reg).await?;
     info!(
         network = %cfg.network,
         subnet_len = cfg.subnet_len,
@@ -191,6 +193,14 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         dp.ensure_sysctls().await?;
         dp.ensure_devices().await?;
         health.set_devices(handle.clone(), dp.plan());
+        if args.peer_probe {
+            health.start_probes(
+                reg.clone(),
+                acquired.subnet.network(),
+                cfg.backend.port,
+                args.peer_probe_interval,
+            );
+        }
         let installed = dp.ensure_iptables().await;
         health.record_iptables(&installed);
         installed?;
@@ -209,6 +219,10 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
+    let _reclaimer = Task(tokio::spawn(crate::ipam_reclaim::run(
+        health.clone(),
+        args.ipam_reclaim_interval,
+    )));
     health.set_lease(&acquired);
     supervise(
         &reg,

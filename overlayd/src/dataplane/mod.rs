@@ -8,6 +8,7 @@ pub mod links;
 pub mod monitor;
 pub mod peer_diff;
 pub mod peers;
+pub mod probe;
 pub mod sysctl;
 
 use std::collections::BTreeMap;

@@ -12,6 +12,7 @@ pub mod keepalive;
 pub mod keys;
 pub mod lease_value;
 pub mod screen;
+pub mod tls_files;
 pub mod watch;
 
 pub use acquire::{acquire, reassert, AcquireError, AcquireRequest, Acquired, How, ReassertError};

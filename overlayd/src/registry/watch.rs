@@ -105,11 +105,20 @@ fn relative_key(reg: &Registry, key: &[u8]) -> String {
 /// this long of etcd's return.
 pub const WATCH_RETRY_CAP: Duration = Duration::from_secs(4);
 
+/// A watch quiet for this long is asked for its progress...
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// ...and given up (listed again) when nothing comes within this long of asking: a member cut
+/// off from the others can keep a stream open that never sends anything again.
+pub const PROGRESS_DEADLINE: Duration = Duration::from_secs(5);
+
 enum WatchEnd {
     /// Resume from the last revision.
     Lost,
     /// History is gone: list everything again.
     Compacted,
+    /// The stream stopped answering, or etcd's revision went back (restored from a snapshot):
+    /// list everything again.
+    Relist,
     /// etcd cancelled the watch; `auth` when for the login (a token older than the last change to
     /// users or roles is refused with "permission denied" when a watch opens).
     Canceled { auth: bool },
@@ -176,6 +185,10 @@ pub async fn follow_from(
                     prev = Some(set);
                     continue 'resync;
                 }
+                WatchEnd::Relist => {
+                    prev = Some(set);
+                    continue 'resync;
+                }
                 WatchEnd::Canceled { auth: true } if may_relogin && reg.has_user() => {
                     may_relogin = false;
                     info!("etcd refused the lease watch for this node's login; logging in again");
@@ -219,8 +232,39 @@ async fn watch_from(
             return WatchEnd::Lost;
         }
     };
+    let mut asked_progress = false;
+    let mut first = true;
     loop {
-        let msg = match stream.message().await {
+        let wait = if asked_progress {
+            PROGRESS_DEADLINE
+        } else {
+            PROGRESS_EVERY
+        };
+        let next = match tokio::time::timeout(wait, stream.message()).await {
+            Ok(next) => next,
+            Err(_) if asked_progress => {
+                warn!(
+                    "the lease watch on {} sent nothing, not even the progress asked for {}s                      ago; listing every lease again",
+                    reg.endpoints(),
+                    PROGRESS_DEADLINE.as_secs()
+                );
+                return WatchEnd::Relist;
+            }
+            Err(_) => {
+                if let Err(e) = stream.request_progress().await {
+                    warn!(
+                        "lease watch lost: {}; resuming from revision {}",
+                        reg.map_err(e),
+                        set.revision + 1
+                    );
+                    return WatchEnd::Lost;
+                }
+                asked_progress = true;
+                continue;
+            }
+        };
+        asked_progress = false;
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => {
                 warn!(
@@ -250,6 +294,15 @@ async fn watch_from(
             return WatchEnd::Canceled {
                 auth: is_auth_refusal(reason),
             };
+        }
+        let server_revision = msg.header().map(|h| h.revision()).unwrap_or(0);
+        if std::mem::take(&mut first) && server_revision > 0 && server_revision < set.revision {
+            warn!(
+                "etcd's revision {server_revision} is below the last one seen, {} (etcd restored \
+                 from a snapshot?); listing every lease again",
+                set.revision
+            );
+            return WatchEnd::Relist;
         }
         backoff.reset();
         *progressed = true;
