@@ -70,6 +70,9 @@ case $mode in
     ;;
 esac
 
+# The previous build's image, now untagged, would pile up in target/image/podman (our own store;
+# a docker daemon's images are the user's and left alone).
+[[ ${engine[0]} == docker ]] || "${engine[@]}" image prune -f >/dev/null 2>&1 || true
 rm -f "$archive"
 "${engine[@]}" save -o "$archive" "$image"
 size=$("${engine[@]}" image inspect --format '{{.Size}}' "$image")
