@@ -92,7 +92,7 @@ routes() { ip -n $P-n route show proto 76 | wc -l; }
 routes_at_least() { test "$(routes)" -ge "$1"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' /proc/"$DAEMON_PID"/status; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' /proc/"$DAEMON_PID"/status; }
-cpu_ticks() { awk '{print $14 + $15}' /proc/"$DAEMON_PID"/stat; }
+cpu_ticks() { awk '{print $14 + $15 + $16 + $17}' /proc/"$DAEMON_PID"/stat; } # children too: the iptables checks
 log_time() { # unix time of the first log line containing $1 (tracing's RFC 3339 timestamps)
   local line
   line=$(grep -m1 -- "$1" "$STATE/overlayd.log" | awk '{print $1}')

@@ -15,6 +15,7 @@ SECS=${1:-60}
 [[ $SECS =~ ^[0-9]+$ && $SECS -ge 1 ]] || { echo "SECONDS must be a positive number" >&2; exit 2; }
 . scripts/lib/deps.sh
 ensure_rust
+ensure_deps # g++: libFuzzer is C++
 ensure_cargo_fuzz
 export RUSTC_BOOTSTRAP=1
 corpus=$(mktemp -d /tmp/overlay-fuzz.XXXXXX)

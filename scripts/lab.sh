@@ -2,7 +2,7 @@
 # The local multi-node lab: a whole overlayd cluster on one machine, nothing touched outside it.
 #
 #   scripts/lab.sh up [N]   N nodes (default 3), two pods each; prints nodes, pods and a ping matrix
-#   scripts/lab.sh status   the same table and matrix for a running lab
+#   scripts/lab.sh status   the same table and matrix for a running lab, and the peer probe matrix
 #   scripts/lab.sh down     removes everything the lab made
 #
 # Every node and pod is a network namespace named olab-*. An underlay namespace holds a bridge that
@@ -20,6 +20,7 @@ UNDERLAY_NET=192.0.2
 ETCD_IP=$UNDERLAY_NET.254
 NETWORK=10.244.0.0/16
 PREFIX=/coreos.com/network
+METRICS_PORT=9472           # each node's overlayd serves /status there, on the node's own loopback
 
 die() { echo "lab: $*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "needs root (it creates network namespaces)"
@@ -96,7 +97,8 @@ add_node() {
   mkdir -p "$STATE/$ns"
   ip netns exec "$ns" setsid "$(bin_dir)/overlayd" run \
     --etcd-endpoints "$(cat "$STATE/etcd.endpoint")" \
-    --node-name "lab-node$i" \
+    --node-name "lab-node$i" --metrics-addr "127.0.0.1:$METRICS_PORT" \
+    --cni-data-dir "$STATE/$ns/ipam" \
     --subnet-file "$STATE/$ns/subnet.env" >"$STATE/$ns/overlayd.log" 2>&1 </dev/null &
 }
 
@@ -170,7 +172,61 @@ show() {
   done
   echo
   echo "$((total - fails)) of $total pod pairs reachable"
+  probe_matrix
   [[ $fails == 0 ]]
+}
+
+# What each node's overlayd says of every other node (its /status): the probes it sends through
+# the overlay itself, VTEP to VTEP. "…" = not probed yet (each peer once per 30 s by default).
+probe_matrix() {
+  local node dir
+  dir=$(mktemp -d)
+  for node in $(nodes); do
+    ip netns exec "$node" curl -s --max-time 3 "http://127.0.0.1:$METRICS_PORT/status" >"$dir/${node#"$P"-}.json" 2>/dev/null || true
+  done
+  echo
+  echo "peer probe matrix (row's overlayd probes column through the overlay; rtt in ms):"
+  python3 - "$dir" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+names = sorted((f[:-5] for f in os.listdir(d)), key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)
+status, subnet_of = {}, {}
+for n in names:
+    try:
+        status[n] = json.load(open(os.path.join(d, n + ".json")))
+        subnet_of[status[n]["lease"]["subnet"]] = n
+    except Exception:
+        status[n] = None
+print("%-8s" % "" + "".join(" %-9s" % n for n in names))
+causes = []
+for row in names:
+    cells = []
+    s = status[row]
+    by_node = {}
+    for p in (s or {}).get("peers", []):
+        by_node[subnet_of.get(p["subnet"], p["subnet"])] = p
+    for col in names:
+        if col == row:
+            cells.append("-")
+        elif s is None:
+            cells.append("no-daemon")
+        else:
+            p = by_node.get(col)
+            pr = (p or {}).get("probe") or {}
+            if p is None:
+                cells.append("no-peer")
+            elif pr.get("reachable") is True:
+                cells.append("%.2f" % (pr.get("rtt_ms") or 0))
+            elif pr.get("reachable") is False:
+                cells.append("DOWN")
+                causes.append(f"{row} -> {col}: {pr.get('cause') or 'no reply'}")
+            else:
+                cells.append("…")
+    print("%-8s" % row + "".join(" %-9s" % c for c in cells))
+for c in causes:
+    print("  " + c)
+PY
+  rm -rf "$dir"
 }
 
 up() {

@@ -2,16 +2,17 @@
 //! instead of creating a file: creating one costs 150-450 µs on a busy ext4) while ADD wires the
 //! pod, so the two overlap.
 //!
-//! The plugin waits for it before exiting: nothing the plugin starts outlives it. A process left
+//! The plugin reaps it before exiting: nothing the plugin starts outlives it. A process left
 //! behind would be adopted by the runtime's reaper (the nearest subreaper, or PID 1 of its pid
 //! namespace), and one that never reaps keeps every such process as a zombie. A double fork does
 //! not avoid that: the grandchild is adopted by the same reaper.
 
-use nix::sys::wait::waitpid;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use overlay_state::IpamStore;
 
-/// The running helper. Dropping it waits for it.
+/// The running helper. Dropping it ends it: what it has not made by then, the next ADD makes.
 pub struct SpareMaker(Pid);
 
 impl SpareMaker {
@@ -36,7 +37,12 @@ impl SpareMaker {
 
 impl Drop for SpareMaker {
     fn drop(&mut self) {
-        // A few file creations: done by now, or within a millisecond or two.
-        let _ = waitpid(self.0, None);
+        // Usually done by now (ADD's netlink work takes longer than a few file creations). If
+        // not, ADD does not wait for a loaded disk: a kill leaves each spare made whole or not
+        // at all (an O_EXCL create either happened or did not), and top_up_spares needs no lock.
+        if let Ok(WaitStatus::StillAlive) = waitpid(self.0, Some(WaitPidFlag::WNOHANG)) {
+            let _ = kill(self.0, Signal::SIGKILL);
+            let _ = waitpid(self.0, None);
+        }
     }
 }

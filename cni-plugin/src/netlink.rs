@@ -11,8 +11,8 @@ use std::num::NonZeroI32;
 
 use nix::errno::Errno;
 use rtnetlink::packet_core::{
-    NetlinkBuffer, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{constants::NETLINK_ROUTE, Socket};
@@ -113,6 +113,9 @@ impl Netlink {
         let seqs = pending.0;
         let mut replies: Vec<Option<Reply>> = seqs.iter().map(|_| None).collect();
         let mut data: Vec<Vec<RouteNetlinkMessage>> = seqs.iter().map(|_| Vec::new()).collect();
+        // A dump the kernel marks interrupted (the objects changed while it was made) may miss
+        // some: answered EINTR, so that nobody takes a missing link for a gone one.
+        let mut interrupted = vec![false; seqs.len()];
         // Each read brings at least one message, and every request ends with one: bounded by the
         // kernel's answers, never by time.
         while replies.iter().any(Option::is_none) {
@@ -140,6 +143,7 @@ impl Netlink {
                 if replies[i].is_some() {
                     continue;
                 }
+                interrupted[i] |= msg.header.flags & NLM_F_DUMP_INTR != 0;
                 match msg.payload {
                     NetlinkPayload::InnerMessage(m) => data[i].push(m),
                     NetlinkPayload::Error(e) => {
@@ -147,6 +151,9 @@ impl Netlink {
                             None => Ok(std::mem::take(&mut data[i])),
                             Some(code) => Err(NlError::Kernel(-code)),
                         });
+                    }
+                    NetlinkPayload::Done(_) if interrupted[i] => {
+                        replies[i] = Some(Err(NlError::Kernel(Errno::EINTR as i32)))
                     }
                     NetlinkPayload::Done(_) => replies[i] = Some(Ok(std::mem::take(&mut data[i]))),
                     _ => {}

@@ -156,8 +156,8 @@ pub struct NodeArgs {
     /// Where the leased subnet is written for the CNI plugin.
     #[arg(long, env = "OVERLAYD_SUBNET_FILE", default_value = overlay_state::DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
-    /// The `overlay` CNI plugin's `dataDir`, read (never written) to count the pod addresses in
-    /// use on this node, for `status` and /metrics.
+    /// The `overlay` CNI plugin's `dataDir`: the pod addresses in use on this node, counted for
+    /// `status` and /metrics; `run` also reclaims those of sandboxes gone without DEL.
     #[arg(long, env = "OVERLAYD_CNI_DATA_DIR", default_value = overlay_state::ipam_store::DEFAULT_DATA_DIR)]
     pub cni_data_dir: PathBuf,
 }
@@ -176,8 +176,10 @@ pub struct RunArgs {
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "OVERLAYD_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
-    /// How often the data plane is checked against the leases even when nothing changed.
-    #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    /// How often the whole data plane is checked against the leases even when nothing changed.
+    /// Drift is repaired at once from the kernel's change notifications; this pass is the net
+    /// under them (and costs a dump of the routes, ARP and FDB tables each time).
+    #[arg(long, env = "OVERLAYD_RESYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resync_interval: Duration,
     /// Serve /healthz, /readyz, /status and /metrics (Prometheus) on this address, e.g.
     /// 0.0.0.0:9472; off when unset.
@@ -190,6 +192,19 @@ pub struct RunArgs {
     /// of this, at most every 30 s). The data plane keeps running either way.
     #[arg(long, env = "OVERLAYD_ETCD_HEARD_WITHIN", default_value = "60s", value_parser = parse_duration)]
     pub etcd_heard_within: Duration,
+    /// Probe every peer through the overlay (ICMP echo VTEP to VTEP) and report the ones that
+    /// stop answering, with the likely cause (needs CAP_NET_RAW).
+    #[arg(long, env = "OVERLAYD_PEER_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub peer_probe: bool,
+    /// Each peer is probed once per this interval, at a random point in it (5 000 peers at 30 s:
+    /// ~167 probes per second). A peer that stops answering is reported within about
+    /// interval + 7 s.
+    #[arg(long, env = "OVERLAYD_PEER_PROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub peer_probe_interval: Duration,
+    /// How often the pod addresses of sandboxes gone without DEL are reclaimed in the
+    /// background (at most 16 per network a pass; ADD on a full subnet reclaims them anyway).
+    #[arg(long, env = "OVERLAYD_IPAM_RECLAIM_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub ipam_reclaim_interval: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

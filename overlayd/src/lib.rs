@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataplane;
 pub mod doctor;
 pub mod health;
+pub mod ipam_reclaim;
 pub mod iptables_tools;
 pub mod logging;
 pub mod netlink;

@@ -9,7 +9,13 @@ use overlayd::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    overlayd::logging::init(cli.log_level.as_deref(), cli.log_format);
+    // The doctor's findings are its output; what the checks it reuses log at info is noise there.
+    let quiet = matches!(cli.command, Command::Doctor(_)) && std::env::var_os("RUST_LOG").is_none();
+    let level = cli
+        .log_level
+        .clone()
+        .or_else(|| quiet.then(|| "warn".to_string()));
+    overlayd::logging::init(level.as_deref(), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

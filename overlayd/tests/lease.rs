@@ -655,3 +655,47 @@ fn readyz_turns_ready_once_leased_and_metrics_count_leases() {
         "{metrics}"
     );
 }
+
+#[test]
+fn lease_watch_lists_again_when_etcd_comes_back_from_an_older_snapshot() {
+    let mut etcd = Etcd::start();
+    etcd.put(&key("10.244.1.0-24"), PEER);
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("backup.db");
+    etcd.snapshot(&backup);
+    let rt = rt();
+    let (mut rx, log) = follow_with_log(&rt, &etcd, None);
+    // History moves on past the backup...
+    for i in 2..6 {
+        etcd.put(&key(&format!("10.244.{i}.0-24")), PEER);
+    }
+    wait_for_set(
+        &rt,
+        &mut rx,
+        &[
+            "10.244.1.0/24",
+            "10.244.2.0/24",
+            "10.244.3.0/24",
+            "10.244.4.0/24",
+            "10.244.5.0/24",
+        ],
+        Duration::from_secs(5),
+    );
+    // ...then etcd is restored from it: its revision is below the one the watch has seen, so a
+    // watch resumed from there would wait for revisions that were already handed out.
+    etcd.restore(&backup);
+    etcd.put(&key("10.244.9.0-24"), PEER);
+    let back = Instant::now();
+    wait_for_set(
+        &rt,
+        &mut rx,
+        &["10.244.1.0/24", "10.244.9.0/24"],
+        Duration::from_secs(10),
+    );
+    eprintln!(
+        "after the restore: leases right again {:?} after the first write",
+        back.elapsed()
+    );
+    let text = log_text(&log);
+    assert!(text.contains("is below the last one seen"), "{text}");
+}

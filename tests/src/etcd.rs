@@ -37,6 +37,72 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
+impl Tls {
+    /// A client certificate signed by the right CA that expired yesterday, and its key.
+    pub fn expired_client(&self) -> (PathBuf, PathBuf) {
+        let dir = self.ca.parent().expect("pki dir");
+        let openssl = |args: &[&str]| {
+            crate::run(Command::new("openssl").args(args).current_dir(dir));
+        };
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "expired.key",
+            "-out",
+            "expired.csr",
+            "-subj",
+            "/CN=expired",
+        ]);
+        // A negative validity: notAfter a day before notBefore (now).
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "expired.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "expired.crt",
+            "-days",
+            "-1",
+            "-extfile",
+            "client.ext",
+        ]);
+        (dir.join("expired.crt"), dir.join("expired.key"))
+    }
+
+    /// A CA that signed nothing etcd uses.
+    pub fn other_ca(&self) -> PathBuf {
+        let dir = self.ca.parent().expect("pki dir");
+        crate::run(Command::new("openssl").current_dir(dir).args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "other-ca.key",
+            "-out",
+            "other-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=some-other-ca",
+        ]));
+        dir.join("other-ca.crt")
+    }
+}
+
 /// Makes a CA, a server certificate for `ip` and a client certificate with openssl, in `dir`.
 fn make_pki(dir: &std::path::Path, ip: Ipv4Addr) -> (Tls, PathBuf, PathBuf) {
     let p = |n: &str| dir.join(n);
@@ -264,6 +330,36 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.daemon = spawn(&self.netns, &self.args, &self.dir);
         self.wait_healthy();
+    }
+
+    /// `etcdctl snapshot save` into `path`: a backup, as an operator takes one.
+    pub fn snapshot(&self, path: &std::path::Path) {
+        self.ctl(&["snapshot", "save", &path.display().to_string()]);
+    }
+
+    /// Stops the server and starts it again from `snapshot` (`etcdctl snapshot restore`), as after
+    /// a disaster recovery: every key and the revision go back to what the snapshot holds.
+    pub fn restore(&mut self, snapshot: &std::path::Path) {
+        self.stop();
+        let arg = |name: &str| {
+            let i = self.args.iter().position(|a| a == name).expect(name);
+            self.args[i + 1].clone()
+        };
+        let data = arg("--data-dir");
+        std::fs::remove_dir_all(&data).expect("remove the old data dir");
+        crate::run(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["snapshot", "restore"])
+                .arg(snapshot)
+                .args(["--data-dir", &data, "--name", &arg("--name")])
+                .args(["--initial-cluster", &arg("--initial-cluster")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &arg("--initial-advertise-peer-urls"),
+                ]),
+        );
+        self.restart();
     }
 
     fn ctl_cmd(&self) -> Command {

@@ -184,6 +184,14 @@ impl Lab {
 
     /// Starts (or restarts) node `i`'s daemon and waits until it has written its subnet file.
     pub fn start_daemon(&mut self, i: usize) {
+        self.spawn_daemon(i);
+        if let Some(d) = self.nodes[i].daemon.as_mut() {
+            d.wait_log("leased subnet", Duration::from_secs(30));
+        }
+    }
+
+    /// Starts (or restarts) node `i`'s daemon without waiting for its lease.
+    pub fn spawn_daemon(&mut self, i: usize) {
         let endpoint = self.etcd.endpoint.clone();
         let node = &mut self.nodes[i];
         node.restarts += 1;
@@ -203,9 +211,7 @@ impl Lab {
             .dir
             .path()
             .join(format!("{}-{}.log", node.name, node.restarts));
-        let mut d = Daemon::spawn(&format!("overlayd {}", node.name), cmd, log);
-        d.wait_log("leased subnet", Duration::from_secs(30));
-        node.daemon = Some(d);
+        node.daemon = Some(Daemon::spawn(&format!("overlayd {}", node.name), cmd, log));
     }
 
     /// Stops node `i`'s daemon with `sig` (TERM keeps the lease, KILL just stops keep-alives).

@@ -116,6 +116,8 @@ fn node() -> Node {
         &format!("127.0.0.1:{PORT}"),
         "--cni-data-dir",
         ipam.to_str().expect("utf8"),
+        "--peer-probe-interval",
+        "2s",
     ]);
     lab.add_node(&[]);
     let d = lab.dir.path().to_path_buf();
@@ -275,16 +277,27 @@ fn doctor_fails_each_fault_on_a_lab_node_and_passes_after_the_fix() {
     std::fs::remove_dir_all(&dropins).unwrap();
     n.expect("kubelet-max-pods", "PASS");
 
-    // A peer the kernel refuses (its VTEP address is this node's own): peers and daemon fail.
-    let bad = format!("{PREFIX}/subnets/{}-25", s0.network());
-    n.lab.etcd.put(
-        &bad,
-        r#"{"PublicIP":"192.0.2.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:aa:00:00:00:99"}}"#,
+    // A peer that stops answering through the overlay (its VXLAN port blocked, as a security
+    // group without UDP 8472 does): the probes see it (node0 probes every 2 s here).
+    let block = ["-p", "udp", "--dport", "8472", "-j", "DROP"];
+    assert!(n.lab.nodes[1]
+        .ns
+        .ok("iptables", &[&["-I", "INPUT"][..], &block].concat()));
+    n.expect("peers", "FAIL");
+    // The cause follows within a second or so (looked up in etcd).
+    wait_for(
+        "the cause in the peers check",
+        Duration::from_secs(10),
+        || {
+            let (_, checks) = n.doctor();
+            let (v, detail) = checks.get("peers").cloned().unwrap_or_default();
+            (v == "FAIL" && detail.contains("no VXLAN reply from 192.0.2.11 (UDP 8472)"))
+                .then_some(())
+        },
     );
-    assert!(n
-        .expect("peers", "FAIL")
-        .contains(&format!("{}/25", s0.network())));
-    n.lab.etcd.ctl(&["del", &bad]);
+    assert!(n.lab.nodes[1]
+        .ns
+        .ok("iptables", &[&["-D", "INPUT"][..], &block].concat()));
     n.expect("peers", "PASS");
 
     // The network config: invalid, then fixed.

@@ -42,18 +42,22 @@ fn a_peer_the_kernel_refuses_does_not_stop_the_others() {
     let mut lab = Lab::new(CONFIG);
     lab.add_node(&["--metrics-addr", METRICS]);
     assert_eq!(lab.subnet(0).to_string(), "10.244.5.0/24");
-    // A node with another SubnetLen leased 10.244.5.0/25 (a different key, so etcd let it): its
-    // VTEP address 10.244.5.0 is this node's own, and the kernel refuses a route via a local
-    // address ("Nexthop has invalid gateway"). Good peers sort before and after it.
+    // Another agent on node 0 owns 10.244.6.0 (an address on lo). A well-formed peer lease for
+    // 10.244.6.0/24 then asks for a route via a local address, which the kernel refuses
+    // ("Nexthop has invalid gateway"): nothing in etcd can tell, only the kernel. Good peers sort
+    // before and after it.
+    lab.nodes[0]
+        .ns
+        .ip(&["addr", "add", "10.244.6.0/32", "dev", "lo"]);
     let put = |subnet: &str, ip: &str, mac: &str| {
         lab.etcd
             .put(&format!("{PREFIX}/subnets/{subnet}"), &lease(ip, mac))
     };
     put("10.244.4.0-24", "192.0.2.104", "02:aa:00:00:00:04");
-    put("10.244.5.0-25", "192.0.2.105", "02:aa:00:00:00:05");
     put("10.244.6.0-24", "192.0.2.106", "02:aa:00:00:00:06");
     put("10.244.7.0-24", "192.0.2.107", "02:aa:00:00:00:07");
-    for s in ["10.244.4.0/24", "10.244.6.0/24", "10.244.7.0/24"] {
+    put("10.244.8.0-24", "192.0.2.108", "02:aa:00:00:00:08");
+    for s in ["10.244.4.0/24", "10.244.7.0/24", "10.244.8.0/24"] {
         lab.wait_route(0, s, true, Duration::from_secs(10));
         let fdb = lab.nodes[0].ns.fdb("overlay.1");
         let last = &s[7..8];
@@ -62,7 +66,7 @@ fn a_peer_the_kernel_refuses_does_not_stop_the_others() {
             "{s}: {fdb}"
         );
     }
-    let bad = lab.nodes[0].ns.ip_out(&["route", "show", "10.244.5.0/25"]);
+    let bad = lab.nodes[0].ns.ip_out(&["route", "show", "10.244.6.0/24"]);
     assert!(
         !bad.contains("via"),
         "the kernel took the route after all: {bad}"
@@ -87,17 +91,17 @@ fn a_peer_the_kernel_refuses_does_not_stop_the_others() {
     let log = lab.nodes[0].daemon.as_ref().expect("daemon").log_text();
     let lines = log
         .lines()
-        .filter(|l| l.contains("peer 10.244.5.0/25:") && l.contains("adding route"))
+        .filter(|l| l.contains("peer 10.244.6.0/24:") && l.contains("adding route"))
         .count();
     assert_eq!(lines, 1, "logged {lines} times:\n{log}");
 
     // The bad lease goes: nothing is left failing.
     lab.etcd
-        .ctl(&["del", &format!("{PREFIX}/subnets/10.244.5.0-25")]);
+        .ctl(&["del", &format!("{PREFIX}/subnets/10.244.6.0-24")]);
     wait_for("no failing peer", Duration::from_secs(5), || {
         (metric(&lab, "overlayd_peers_failing") == Some(0.0)).then_some(())
     });
-    lab.wait_route(0, "10.244.6.0/24", true, Duration::from_secs(1));
+    lab.wait_route(0, "10.244.8.0/24", true, Duration::from_secs(1));
 }
 
 #[test]

@@ -57,10 +57,14 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<(CniResult, Option<SpareMaker>),
 
     let key = env.key();
     // On a full subnet the store reclaims allocations whose host veth is gone: one dump.
+    // A dump interrupted by changes is made again (a few times at most); failing that, nothing
+    // is reclaimed.
     let mut links = || {
-        link::all(&mut host)
-            .ok()
-            .map(|ls| ls.into_iter().map(|l| l.name).collect())
+        (0..3).find_map(|_| {
+            link::all(&mut host)
+                .ok()
+                .map(|ls| ls.into_iter().map(|l| l.name).collect())
+        })
     };
     let allocated = store.allocate_or_reclaim(subnet_file.subnet, &key, &mut links)?;
     for r in &allocated.reclaimed {

@@ -94,7 +94,7 @@ impl IpamStore {
             .count();
         let mut waiting = String::new();
         if allocated >= capacity {
-            let (got, young) = self.reclaim_locked(subnet, usize::MAX, links)?;
+            let (got, young) = self.reclaim_locked(subnet, reclaim::Pass::FullSubnet, links)?;
             for r in &got {
                 used.remove(&u32::from(r.ip));
             }

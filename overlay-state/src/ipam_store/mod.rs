@@ -239,9 +239,15 @@ impl IpamStore {
     /// Takes the store's exclusive lock, creating the directory if needed. Blocks while another
     /// process holds it.
     pub fn lock(&self) -> Result<StoreLock, IpamError> {
-        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
         let path = self.dir.join(LOCK_FILE);
-        let file = self.open_keeping(&path)?;
+        // The directory exists but for a node's first ADD: made only when the open says so.
+        let file = match self.open_keeping(&path) {
+            Err(IpamError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+                self.open_keeping(&path)?
+            }
+            other => other?,
+        };
         // flock(2): released by the kernel when the process dies, and the same lock the Go
         // plugins take, should anyone point one at this directory. (std's `File::lock` does the
         // same but needs Rust 1.89; the workspace supports 1.85.)
@@ -285,7 +291,20 @@ impl IpamStore {
     /// that dump or this check runs after the removal).
     pub fn holds(&self, key: &AttachmentKey, ip: Ipv4Addr) -> Result<bool, IpamError> {
         let _lock = self.lock()?;
-        Ok(self.find(key)? == Some(ip))
+        // The IP file alone says who holds the IP: one read, no index lookup.
+        let path = self.dir.join(ip.to_string());
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(AttachmentKey::parse(&text).as_ref() == Some(key)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.io(&path)(e)),
+        }
     }
 
     /// The IP held by `key`, if any, found through the index (two small reads).
@@ -371,17 +390,7 @@ pub fn usage(data_dir: &Path, subnet: Ipv4Network) -> Vec<StoreUsage> {
     let Some((first, last)) = pod_range(subnet) else {
         return Vec::new();
     };
-    let mut names: Vec<String> = match fs::read_dir(data_dir) {
-        Ok(entries) => entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| valid_network_name(n))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    names.sort();
-    names
+    network_names(data_dir)
         .into_iter()
         .map(|network| {
             let dir = data_dir.join(&network);
@@ -404,6 +413,22 @@ pub fn usage(data_dir: &Path, subnet: Ipv4Network) -> Vec<StoreUsage> {
             }
         })
         .collect()
+}
+
+/// The CNI networks with a store under `data_dir` (the plugin's `dataDir`), sorted; none when
+/// it does not exist.
+pub fn network_names(data_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs::read_dir(data_dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_network_name(n))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
 }
 
 /// CNI network names are `[A-Za-z0-9][A-Za-z0-9_.-]*`; also what keeps one from escaping `dataDir`.

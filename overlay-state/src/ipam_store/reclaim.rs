@@ -64,6 +64,15 @@ pub struct Survey {
     pub reclaimed_total: u64,
 }
 
+/// Who reclaims.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pass {
+    /// An ADD that found the subnet full: everything reclaimable.
+    FullSubnet,
+    /// The daemon's pass: at most `limit`.
+    Background { limit: usize },
+}
+
 /// An allocation as reclaim sees it.
 struct Aged {
     ip: Ipv4Addr,
@@ -136,7 +145,10 @@ impl IpamStore {
         }
         let _lock = self.lock()?;
         let mut out = self.drop_other_boots()?;
-        out.extend(self.reclaim_locked(subnet, limit, links)?.0);
+        out.extend(
+            self.reclaim_locked(subnet, Pass::Background { limit }, links)?
+                .0,
+        );
         Ok(out)
     }
 
@@ -145,7 +157,7 @@ impl IpamStore {
     pub(super) fn reclaim_locked(
         &self,
         subnet: Ipv4Network,
-        limit: usize,
+        pass: Pass,
         links: &mut dyn FnMut() -> Option<HashSet<String>>,
     ) -> Result<(Vec<Reclaimed>, usize), IpamError> {
         let aged = self.aged(subnet, SystemTime::now())?;
@@ -153,11 +165,13 @@ impl IpamStore {
             .iter()
             .filter(|a| a.key.is_some() && a.age >= RECLAIM_GRACE)
             .collect();
-        // An ADD on a full subnet (no limit) also wants the count of young ones for its error;
-        // the background pass with nothing old enough is done without a dump.
-        if old.is_empty() && limit != usize::MAX {
-            return Ok((Vec::new(), 0));
-        }
+        // An ADD on a full subnet also wants the count of young ones for its error; the
+        // background pass with nothing old enough is done without a dump.
+        let limit = match pass {
+            Pass::FullSubnet => usize::MAX,
+            Pass::Background { .. } if old.is_empty() => return Ok((Vec::new(), 0)),
+            Pass::Background { limit } => limit,
+        };
         let Some(names) = links() else {
             return Ok((Vec::new(), 0));
         };

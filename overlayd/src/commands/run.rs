@@ -2,6 +2,7 @@
 //! equal to the set of leases until SIGTERM/SIGINT. Exiting never revokes the lease: a restarted
 //! daemon must come back with the same subnet while pods keep running.
 
+use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
 use overlay_state::{ipam_store, SubnetFile};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -19,6 +20,7 @@ use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
 use crate::dataplane::{monitor, Dataplane, Plan};
 use crate::health::{self, Health};
 use crate::node;
+use crate::registry::screen::Ignored;
 use crate::registry::{
     self, AcquireError, AcquireRequest, Acquired, LeaseSet, LeaseValue, Registry, RegistryError,
 };
@@ -64,8 +66,9 @@ async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
     }
 }
 
-/// Waits for etcd and a valid config, saying every time why it is still waiting.
-pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
+/// Waits for etcd and a valid config, saying every time why it is still waiting. A TLS handshake
+/// etcd or we refuse ends the wait: the files must change first.
+pub async fn wait_for_config(reg: &Registry) -> Result<NetworkConfig, RegistryError> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     loop {
         match reg.network_config().await {
@@ -73,8 +76,9 @@ pub async fn wait_for_config(reg: &Registry) -> NetworkConfig {
                 for w in warnings {
                     warn!("{w}");
                 }
-                return cfg;
+                return Ok(cfg);
             }
+            Err(e @ RegistryError::TlsRejected { .. }) => return Err(e),
             Err(e) => {
                 let wait = backoff.next_delay();
                 match &e {
@@ -106,7 +110,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         prefix = reg.keys.prefix(),
         "reading network config"
     );
-    let cfg = wait_for_config(&reg).await;
+    let cfg = wait_for_config(&reg).await?;
     info!(
         network = %cfg.network,
         subnet_len = cfg.subnet_len,
@@ -189,6 +193,14 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         dp.ensure_sysctls().await?;
         dp.ensure_devices().await?;
         health.set_devices(handle.clone(), dp.plan());
+        if args.peer_probe {
+            health.start_probes(
+                reg.clone(),
+                acquired.subnet.network(),
+                cfg.backend.port,
+                args.peer_probe_interval,
+            );
+        }
         let installed = dp.ensure_iptables().await;
         health.record_iptables(&installed);
         installed?;
@@ -207,6 +219,10 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     health.set_ipam(args.node.cni_data_dir.clone(), acquired.subnet);
+    let _reclaimer = Task(tokio::spawn(crate::ipam_reclaim::run(
+        health.clone(),
+        args.ipam_reclaim_interval,
+    )));
     health.set_lease(&acquired);
     supervise(
         &reg,
@@ -300,6 +316,7 @@ async fn guard_lease(
     health: Arc<Health>,
 ) {
     let subnet = acquired.subnet;
+    let own_key = format!("{}-{}", subnet.network(), subnet.prefix());
     let ttl = req.ttl;
     let mut keeper = spawn_keepalive(&reg, &acquired, ttl);
     loop {
@@ -321,7 +338,9 @@ async fn guard_lease(
                     continue; // nothing listed yet
                 }
                 let current = set.leases.get(&subnet);
-                if current.and_then(|l| l.value.as_ref()) == Some(&req.value) {
+                // The set keeps a key's last readable value; our own key must be what etcd has.
+                let unreadable = set.ignored.contains_key(&own_key);
+                if current.and_then(|l| l.value.as_ref()) == Some(&req.value) && !unreadable {
                     continue;
                 }
                 match current {
@@ -378,6 +397,7 @@ async fn supervise(
     mut dataplane: Option<&mut Dataplane>,
     health: Arc<Health>,
 ) -> anyhow::Result<ExitCode> {
+    let subnet = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
     let _follower = Task(tokio::spawn(registry::watch::follow(reg.clone(), tx)));
     // The config as running; only Backend.DirectRouting changes are applied live.
@@ -397,18 +417,28 @@ async fn supervise(
     let mut tick = tokio::time::interval(args.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // iptables checks spawn processes: less often than the netlink reconcile.
-    let mut iptables_tick = tokio::time::interval(args.resync_interval.max(Duration::from_secs(5)));
+    let mut iptables_tick = tokio::time::interval(IPTABLES_CHECK);
     iptables_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let kernel_changed = Arc::new(Notify::new());
-    if dataplane.is_some() {
-        monitor::spawn(kernel_changed.clone());
-    }
+    // Failed peers are retried on their own backoff, between full passes; an idle check.
+    let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut kernel_events = if dataplane.is_some() {
+        Some(monitor::spawn())
+    } else {
+        None
+    };
     let mut latest = Arc::new(LeaseSet::default());
     // A failure that repeats every pass is logged once, not every second.
     let mut last_error = String::new();
     let mut last_iptables_error = String::new();
+    // Ignored keys already logged and counted, with the revision they were written at.
+    let mut ignored_seen: HashMap<String, i64> = HashMap::new();
 
     loop {
+        // A watch event is applied as a diff, a retry writes only what failed; everything else
+        // checks the kernel in full.
+        let mut full_pass = true;
+        let mut retry_only = false;
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -418,7 +448,10 @@ async fn supervise(
                 if set.revision == 0 {
                     continue;
                 }
-                latest = set.clone();
+                let (usable, ignored) = registry::screen::screen(&set, cfg, subnet);
+                note_ignored(reg, &ignored, &mut ignored_seen, &health);
+                latest = Arc::new(usable);
+                full_pass = false;
                 health.leases.set(set.leases.len() as i64);
             }
             _ = &mut guard.0 => {
@@ -433,9 +466,27 @@ async fn supervise(
                 health.set_direct_routing(running.backend.direct_routing);
             }
             _ = tick.tick() => {}
-            _ = kernel_changed.notified() => {
-                // A burst of notifications (our own writes included) becomes one pass.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            _ = retry_tick.tick() => {
+                if !dataplane.as_deref().is_some_and(|dp| dp.retry_due()) {
+                    continue;
+                }
+                retry_only = true;
+            }
+            Some(ev) = next_event(&mut kernel_events) => {
+                let mut drift = dataplane.as_deref().is_some_and(|dp| dp.is_drift(&ev));
+                // Drain what is queued; a burst (a flushed table) becomes one pass.
+                if let Some(rx) = kernel_events.as_mut() {
+                    while let Ok(ev) = rx.try_recv() {
+                        drift |= dataplane.as_deref().is_some_and(|dp| dp.is_drift(&ev));
+                    }
+                }
+                if !drift {
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(rx) = kernel_events.as_mut() {
+                    while rx.try_recv().is_ok() {}
+                }
             }
             _ = iptables_tick.tick() => {
                 if let Some(dp) = dataplane.as_deref_mut() {
@@ -457,7 +508,13 @@ async fn supervise(
             continue; // nothing listed yet: never remove peers on an empty view
         }
         if let Some(dp) = dataplane.as_deref_mut() {
-            let pass = dp.reconcile(&latest).await;
+            let pass = if retry_only {
+                dp.retry(&latest).await
+            } else if full_pass {
+                dp.reconcile(&latest).await
+            } else {
+                dp.apply(&latest).await
+            };
             health.record_pass(
                 &latest,
                 dp.peers(),
@@ -488,6 +545,29 @@ async fn supervise(
     }
 }
 
+/// Logs and counts each ignored key once per write of it.
+fn note_ignored(
+    reg: &Registry,
+    ignored: &BTreeMap<String, Ignored>,
+    seen: &mut HashMap<String, i64>,
+    health: &Health,
+) {
+    for (key, i) in ignored {
+        if seen.get(key) == Some(&i.mod_revision) {
+            continue;
+        }
+        warn!(
+            reason = i.reason.label(),
+            "ignoring {}{key}: {}; the other leases are used as usual",
+            reg.keys.subnets(),
+            i.reason.describe()
+        );
+        health.count_ignored(i.reason.label());
+        seen.insert(key.clone(), i.mod_revision);
+    }
+    seen.retain(|k, _| ignored.contains_key(k));
+}
+
 /// A config changed in etcd: `Backend.DirectRouting` is applied now (the next pass moves the
 /// peers), whatever needs a restart is said once.
 fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mut Dataplane>) {
@@ -508,6 +588,20 @@ fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mu
             direct_routing = new.backend.direct_routing,
             "applied Backend.DirectRouting from the changed network config"
         );
+    }
+}
+
+/// How often our iptables chains are checked: iptables sends no notifications, and each check
+/// spawns the tools, so it is a fixed, slower period than the kernel's events.
+const IPTABLES_CHECK: Duration = Duration::from_secs(5);
+
+/// The next kernel notification, or never when nothing listens (lease-only, or no socket).
+async fn next_event(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<monitor::KernelEvent>>,
+) -> Option<monitor::KernelEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

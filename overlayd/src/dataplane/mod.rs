@@ -6,9 +6,12 @@
 pub mod iptables;
 pub mod links;
 pub mod monitor;
+pub mod peer_diff;
 pub mod peers;
+pub mod probe;
 pub mod sysctl;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -108,8 +111,8 @@ impl Plan {
     }
 
     /// The peers a lease set asks for: every other node's vxlan lease with a usable VtepMAC.
-    pub fn peers(&self, set: &LeaseSet) -> Vec<Peer> {
-        let mut out = Vec::new();
+    pub fn peers(&self, set: &LeaseSet) -> BTreeMap<Ipv4Network, Peer> {
+        let mut out = BTreeMap::new();
         for l in set.leases.values() {
             if l.subnet == self.subnet || !self.network.contains(l.subnet.network()) {
                 continue;
@@ -131,14 +134,17 @@ impl Plan {
                 warn!(subnet = %l.subnet, "peer uses another VNI; skipping it");
                 continue;
             }
-            out.push(Peer {
-                subnet: l.subnet,
-                public_ip: v.public_ip,
-                mac,
-                direct: self
-                    .direct_routing_net
-                    .is_some_and(|n| n.contains(v.public_ip)),
-            });
+            out.insert(
+                l.subnet,
+                Peer {
+                    subnet: l.subnet,
+                    public_ip: v.public_ip,
+                    mac,
+                    direct: self
+                        .direct_routing_net
+                        .is_some_and(|n| n.contains(v.public_ip)),
+                },
+            );
         }
         out
     }
@@ -154,10 +160,13 @@ pub struct Dataplane {
     iptables: Option<iptables::Iptables>,
     /// Peers derived from the lease set at `peers_revision`; recomputed only when the set changes,
     /// so a malformed lease is warned about once, not on every pass.
-    peers: Vec<Peer>,
+    peers: BTreeMap<Ipv4Network, Peer>,
     peers_revision: i64,
     /// Peers whose programming failed, retried with backoff while the others go on.
     failures: peers::Failures,
+    /// Indices of the VTEP and the bridge as last ensured, to tell our devices' notifications
+    /// from the rest.
+    indices: Option<(u32, u32)>,
 }
 
 impl Dataplane {
@@ -166,9 +175,10 @@ impl Dataplane {
             handle,
             plan,
             iptables: None,
-            peers: Vec::new(),
+            peers: BTreeMap::new(),
             peers_revision: -1,
             failures: peers::Failures::default(),
+            indices: None,
         }
     }
 
@@ -179,7 +189,8 @@ impl Dataplane {
     /// Devices, addresses and sysctls. Safe to call again at any time.
     pub async fn ensure_devices(&mut self) -> Result<Devices, DataplaneError> {
         let vtep = links::ensure_vtep(&self.handle, &self.plan.vtep).await?;
-        links::ensure_bridge(&self.handle, &self.plan.bridge).await?;
+        let bridge = links::ensure_bridge(&self.handle, &self.plan.bridge).await?;
+        self.indices = Some((vtep, bridge));
         Ok(Devices {
             vtep,
             underlay: self.plan.underlay_index,
@@ -212,14 +223,119 @@ impl Dataplane {
         }
     }
 
-    /// Makes the kernel match `set`. Returns what changed.
+    /// Makes the kernel match `set` by checking everything against dumps of its tables: the
+    /// first sync, the periodic drift repair, and after a kernel notification. Returns what changed.
     pub async fn reconcile(&mut self, set: &LeaseSet) -> Result<peers::Changes, DataplaneError> {
         if set.revision != self.peers_revision {
             self.peers = self.plan.peers(set);
             self.peers_revision = set.revision;
         }
         let dev = self.ensure_devices().await?;
-        peers::reconcile(&self.handle, dev, &self.peers, &mut self.failures).await
+        let peers: Vec<Peer> = self.peers.values().cloned().collect();
+        peers::reconcile(&self.handle, dev, &peers, &mut self.failures).await
+    }
+
+    /// Applies a new lease set as a diff against the last one (no dumps): what a watch event
+    /// changes. Before the first full pass there is nothing to diff against, so it does one.
+    pub async fn apply(&mut self, set: &LeaseSet) -> Result<peers::Changes, DataplaneError> {
+        if self.peers_revision < 0 {
+            return self.reconcile(set).await;
+        }
+        if set.revision == self.peers_revision {
+            return Ok(peers::Changes::default());
+        }
+        let new = self.plan.peers(set);
+        let dev = self.ensure_devices().await?;
+        for gone in self.peers.keys().filter(|s| !new.contains_key(s)) {
+            self.failures.forget_peer(gone);
+        }
+        let mut changes =
+            peer_diff::apply(&self.handle, dev, &self.peers, &new, &mut self.failures).await;
+        self.peers = new;
+        self.peers_revision = set.revision;
+        changes.failing = self.failures.len();
+        Ok(changes)
+    }
+
+    /// Whether a failed write is due for another try.
+    pub fn retry_due(&self) -> bool {
+        let (peers, removal) = self.failures.due(std::time::Instant::now());
+        removal || !peers.is_empty()
+    }
+
+    /// Tries again what failed and is due, with no dump unless a removal failed.
+    pub async fn retry(&mut self, set: &LeaseSet) -> Result<peers::Changes, DataplaneError> {
+        let now = std::time::Instant::now();
+        let (due, removal) = self.failures.due(now);
+        if removal || self.peers_revision != set.revision {
+            return self.reconcile(set).await;
+        }
+        let dev = self.ensure_devices().await?;
+        for gone in due.iter().filter(|s| !self.peers.contains_key(s)) {
+            self.failures.forget_peer(gone);
+        }
+        let todo: Vec<&Peer> = due.iter().filter_map(|s| self.peers.get(s)).collect();
+        let mut changes = peers::Changes::default();
+        for (key, result) in peers::program_all(&self.handle, dev, todo, &Default::default()).await
+        {
+            changes.book(&mut self.failures, &key, now, result, true);
+        }
+        changes.failing = self.failures.len();
+        Ok(changes)
+    }
+
+    /// Whether a kernel notification shows drift a full pass must repair: our devices changed, or
+    /// an entry a peer needs was removed or overwritten. Our own writes, and removals of entries no
+    /// peer needs (our own diffs), are not drift.
+    pub fn is_drift(&self, ev: &monitor::KernelEvent) -> bool {
+        use monitor::KernelEvent as E;
+        let ours = |index: u32| self.indices.is_none_or(|(v, b)| index == v || index == b);
+        let wanted_subnet = |ip: Ipv4Addr| {
+            Ipv4Network::new(ip, self.plan.subnet.prefix())
+                .ok()
+                .and_then(|n| self.peers.get(&n))
+        };
+        match ev {
+            E::Lost => true,
+            E::Link { index, name } => {
+                ours(*index)
+                    || *index == self.plan.underlay_index
+                    || name
+                        .as_deref()
+                        .is_some_and(|n| n == self.plan.vtep.name || n == self.plan.bridge.name)
+            }
+            E::Address { index } => ours(*index),
+            E::Route {
+                dst,
+                ours: true,
+                deleted: true,
+            } => dst.is_some_and(|d| self.peers.contains_key(&d)),
+            // Someone else's route for a peer's subnet shadows or replaces ours.
+            E::Route {
+                dst, ours: false, ..
+            } => dst.is_some_and(|d| self.peers.contains_key(&d)),
+            E::Route { .. } => false,
+            E::Neighbour { index, .. } if self.indices.is_some_and(|(v, _)| *index != v) => false,
+            E::Neighbour {
+                fdb: false,
+                ip: Some(ip),
+                mac,
+                deleted,
+                ..
+            } => wanted_subnet(*ip).is_some_and(|p| !p.direct && (*deleted || *mac != Some(p.mac))),
+            E::Neighbour {
+                fdb: true,
+                mac: Some(mac),
+                ip,
+                deleted,
+                ..
+            } => self
+                .peers
+                .values()
+                .find(|p| !p.direct && p.mac == *mac)
+                .is_some_and(|p| *deleted || ip.is_some_and(|ip| ip != p.public_ip)),
+            E::Neighbour { .. } => false,
+        }
     }
 
     /// Turns `Backend.DirectRouting` on or off for the running daemon (the config changed in
@@ -240,7 +356,7 @@ impl Dataplane {
     }
 
     /// The peers the last pass programmed (or tried to).
-    pub fn peers(&self) -> &[Peer] {
+    pub fn peers(&self) -> &BTreeMap<Ipv4Network, Peer> {
         &self.peers
     }
 

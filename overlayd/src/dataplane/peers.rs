@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -121,6 +121,37 @@ impl Failures {
             .map(|(k, f)| (k.as_str(), f.last_error.as_str()))
     }
 
+    /// Forgets a peer that is no longer wanted (its lease went).
+    pub(super) fn forget_peer(&mut self, subnet: &Ipv4Network) {
+        self.by_key.remove(&format!("peer {subnet}"));
+    }
+
+    /// How many things are failing now.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// What is due for another try: peers' subnets, and whether a removal is (removals are
+    /// retried by a full pass, which finds what is still stale).
+    pub(super) fn due(&self, now: Instant) -> (Vec<Ipv4Network>, bool) {
+        let mut peers = Vec::new();
+        let mut removal = false;
+        for (k, f) in &self.by_key {
+            if f.retry_at > now {
+                continue;
+            }
+            match k.strip_prefix("peer ").and_then(|s| s.parse().ok()) {
+                Some(subnet) => peers.push(subnet),
+                None => removal = true,
+            }
+        }
+        (peers, removal)
+    }
+
     /// Forgets what no longer exists (a peer whose lease went, an entry already gone).
     fn retain(&mut self, keys: &BTreeSet<String>) {
         self.by_key.retain(|k, _| keys.contains(k));
@@ -223,6 +254,8 @@ pub async fn reconcile(
             None => stale_routes.push(r),
         }
     }
+    // Stale entries: neighbours first, then routes, each kind with many requests in flight.
+    let mut removals = Vec::new();
     for (msg, what) in stale_neighbours {
         let key = format!("removing {what}");
         if failures.waiting(&key, now) {
@@ -230,9 +263,19 @@ pub async fn reconcile(
             changes.failing += 1;
             continue;
         }
-        let r = delete_neighbour(handle, msg, &what).await;
-        changes.note(failures, &mut tried, &key, now, r.map(|()| 1), false);
+        removals.push((key, msg, what));
     }
+    let removed: Vec<(String, Result<usize, DataplaneError>)> = futures::stream::iter(removals)
+        .map(|(key, msg, what)| async move {
+            (key, delete_neighbour(handle, msg, &what).await.map(|()| 1))
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (key, result) in removed {
+        changes.note(failures, &mut tried, &key, now, result, false);
+    }
+    let mut route_removals = Vec::new();
     for r in stale_routes {
         let dst = describe_route(&r)
             .0
@@ -243,28 +286,47 @@ pub async fn reconcile(
             changes.failing += 1;
             continue;
         }
-        let result = match handle.route().del(r).execute().await {
-            Ok(()) => {
-                info!("removed route to {dst}");
-                Ok(1)
-            }
-            Err(e) if netlink::is_errno(&e, netlink::ESRCH) => Ok(0), // already gone
-            Err(e) => Err(DataplaneError::netlink(
-                format!("removing route to {dst}"),
-                e,
-            )),
-        };
+        route_removals.push((key, r, dst));
+    }
+    let removed: Vec<(String, Result<usize, DataplaneError>)> =
+        futures::stream::iter(route_removals)
+            .map(|(key, r, dst)| async move {
+                let result = match handle.route().del(r).execute().await {
+                    Ok(()) => {
+                        info!("removed route to {dst}");
+                        Ok(1)
+                    }
+                    Err(e) if netlink::is_errno(&e, netlink::ESRCH) => Ok(0), // already gone
+                    Err(e) => Err(DataplaneError::netlink(
+                        format!("removing route to {dst}"),
+                        e,
+                    )),
+                };
+                (key, result)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+    for (key, result) in removed {
         changes.note(failures, &mut tried, &key, now, result, false);
     }
 
+    let mut todo = Vec::new();
     for p in peers {
-        let key = format!("peer {}", p.subnet);
+        let key = peer_key(p);
         if failures.waiting(&key, now) {
             tried.insert(key);
             changes.failing += 1;
             continue;
         }
-        let result = program(handle, dev, p, &arp_ok, &fdb_ok, &routes_ok).await;
+        todo.push(p);
+    }
+    let ok = KernelOk {
+        arp: arp_ok,
+        fdb: fdb_ok,
+        routes: routes_ok,
+    };
+    for (key, result) in program_all(handle, dev, todo, &ok).await {
         changes.note(failures, &mut tried, &key, now, result, true);
     }
     failures.retain(&tried);
@@ -275,6 +337,18 @@ pub async fn reconcile(
 }
 
 impl Changes {
+    /// [`Changes::note`] outside a full pass: nothing is forgotten afterwards.
+    pub(super) fn book(
+        &mut self,
+        failures: &mut Failures,
+        key: &str,
+        now: Instant,
+        result: Result<usize, DataplaneError>,
+        adds: bool,
+    ) {
+        self.note(failures, &mut BTreeSet::new(), key, now, result, adds);
+    }
+
     /// Books the outcome of one write (`n` entries changed) and keeps `failures` up to date.
     fn note(
         &mut self,
@@ -304,18 +378,47 @@ impl Changes {
     }
 }
 
+/// Requests in flight at once when many entries change (the first sync, a full pass after a
+/// flush): a netlink round trip costs about 90 µs here, so 10 000 peers written one after another
+/// would take seconds; pipelined, the kernel's own work is what is left.
+pub(super) const IN_FLIGHT: usize = 128;
+
+/// What a kernel dump found already right; empty when nothing was dumped (write everything).
+#[derive(Debug, Default)]
+pub(super) struct KernelOk {
+    pub arp: BTreeSet<Ipv4Addr>,
+    pub fdb: BTreeSet<Mac>,
+    pub routes: BTreeSet<Ipv4Network>,
+}
+
+pub(super) fn peer_key(p: &Peer) -> String {
+    format!("peer {}", p.subnet)
+}
+
+/// [`program`] for many peers, [`IN_FLIGHT`] at a time; each peer's own entries stay in order.
+pub(super) async fn program_all(
+    handle: &Handle,
+    dev: Devices,
+    peers: Vec<&Peer>,
+    ok: &KernelOk,
+) -> Vec<(String, Result<usize, DataplaneError>)> {
+    futures::stream::iter(peers)
+        .map(|p| async move { (peer_key(p), program(handle, dev, p, ok).await) })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await
+}
+
 /// Writes whatever of `p`'s ARP, FDB and route entries is missing or wrong. Returns how many.
 async fn program(
     handle: &Handle,
     dev: Devices,
     p: &Peer,
-    arp_ok: &BTreeSet<Ipv4Addr>,
-    fdb_ok: &BTreeSet<Mac>,
-    routes_ok: &BTreeSet<Ipv4Network>,
+    ok: &KernelOk,
 ) -> Result<usize, DataplaneError> {
     let mut added = 0;
     if !p.direct {
-        if !arp_ok.contains(&p.vtep_ip()) {
+        if !ok.arp.contains(&p.vtep_ip()) {
             handle
                 .neighbours()
                 .add(dev.vtep, IpAddr::V4(p.vtep_ip()))
@@ -329,7 +432,7 @@ async fn program(
                 })?;
             added += 1;
         }
-        if !fdb_ok.contains(&p.mac) {
+        if !ok.fdb.contains(&p.mac) {
             handle
                 .neighbours()
                 .add_bridge(dev.vtep, &p.mac.0)
@@ -345,7 +448,7 @@ async fn program(
             added += 1;
         }
     }
-    if !routes_ok.contains(&p.subnet) {
+    if !ok.routes.contains(&p.subnet) {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(p.subnet.network(), p.subnet.prefix())
             .protocol(ROUTE_PROTOCOL)

@@ -110,8 +110,46 @@ pub fn peers(cx: &Context) -> Finding {
         .filter(|p| p.state != "programmed")
         .map(|p| format!("{} ({}): {}", p.subnet, p.public_ip, p.state))
         .collect();
-    if bad.is_empty() {
-        Finding::pass("peers", format!("all {} peers programmed", s.peers.len()))
+    let unreachable: Vec<String> = s
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let pr = p.probe.as_ref()?;
+            (pr.reachable == Some(false)).then(|| {
+                format!(
+                    "{} ({}): {}",
+                    p.subnet,
+                    p.node_name.as_deref().unwrap_or(&p.public_ip),
+                    pr.cause.as_deref().unwrap_or("no reply")
+                )
+            })
+        })
+        .collect();
+    let probed = s.peers.iter().filter(|p| p.probe.is_some()).count();
+    if bad.is_empty() && !unreachable.is_empty() {
+        Finding::fail(
+            "peers",
+            format!(
+                "{} of {} peers unreachable through the overlay: {}",
+                unreachable.len(),
+                s.peers.len(),
+                unreachable.join("; ")
+            ),
+            "allow UDP 8472 (Backend.Port) between all nodes in their security groups; for a stale lease, check that the peer node and its overlayd pod are up",
+        )
+    } else if bad.is_empty() {
+        Finding::pass(
+            "peers",
+            format!(
+                "all {} peers programmed{}",
+                s.peers.len(),
+                if probed > 0 {
+                    ", none unreachable through the overlay"
+                } else {
+                    ""
+                }
+            ),
+        )
     } else {
         Finding::fail(
             "peers",

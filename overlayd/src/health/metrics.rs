@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +27,13 @@ pub struct RepairLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why a subnet key was ignored: `not_json`, `bad_key`, `prefix_length`, `outside_network`,
+    /// `overlaps_own`, `truncated_event`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     /// A readiness check: `lease`, `devices`, `iptables`, `peers`, `etcd`.
     pub check: String,
@@ -41,11 +49,20 @@ pub struct Metrics {
     pub peers_failing: Gauge,
     pub pod_addresses: Family<NetworkLabels, Gauge>,
     pub pod_capacity: Gauge,
+    pub pod_addresses_live: Family<NetworkLabels, Gauge>,
+    pub pod_addresses_reclaimable: Family<NetworkLabels, Gauge>,
+    pub pod_addresses_reclaimed: Family<NetworkLabels, Gauge>,
     pub repairs: Family<RepairLabels, Counter>,
     pub etcd_last_contact: Gauge,
     pub lease_ttl: Gauge,
     pub ready: Gauge,
     pub check_ok: Family<CheckLabels, Gauge>,
+    pub probes_sent: Counter,
+    pub probes_answered: Counter,
+    pub probe_rtt: Histogram,
+    pub peers_reachable: Gauge,
+    pub peers_unreachable: Gauge,
+    pub ignored_leases: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -60,11 +77,21 @@ impl Metrics {
             peers_failing: Gauge::default(),
             pod_addresses: Family::default(),
             pod_capacity: Gauge::default(),
+            pod_addresses_live: Family::default(),
+            pod_addresses_reclaimable: Family::default(),
+            pod_addresses_reclaimed: Family::default(),
             repairs: Family::default(),
             etcd_last_contact: Gauge::default(),
             lease_ttl: Gauge::default(),
             ready: Gauge::default(),
             check_ok: Family::default(),
+            probes_sent: Counter::default(),
+            probes_answered: Counter::default(),
+            // 50 µs to ~1.6 s: a lab's loopback-fast tunnel up to a cross-region path.
+            probe_rtt: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            peers_reachable: Gauge::default(),
+            peers_unreachable: Gauge::default(),
+            ignored_leases: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +131,21 @@ impl Metrics {
             m.pod_capacity.clone(),
         );
         registry.register(
+            "pod_addresses_live",
+            "Pod addresses handed out whose pod's host veth exists",
+            m.pod_addresses_live.clone(),
+        );
+        registry.register(
+            "pod_addresses_reclaimable",
+            "Pod addresses held for sandboxes gone without DEL (no host veth, older than the grace): reclaimed by the next ADD on a full subnet or by the daemon's background pass",
+            m.pod_addresses_reclaimable.clone(),
+        );
+        registry.register(
+            "pod_addresses_reclaimed",
+            "Pod addresses given back without DEL since the IPAM store was made (dead sandboxes, allocations of an earlier boot), by the plugin and the daemon; the store's own count",
+            m.pod_addresses_reclaimed.clone(),
+        );
+        registry.register(
             "repairs",
             "Drift repaired while the leases stayed the same (someone removed a route, a device or our iptables rules)",
             m.repairs.clone(),
@@ -127,6 +169,36 @@ impl Metrics {
             "readiness_check",
             "1 when the readiness check passes, per check",
             m.check_ok.clone(),
+        );
+        registry.register(
+            "probes_sent",
+            "ICMP echo requests sent through the overlay to peers' VTEP addresses",
+            m.probes_sent.clone(),
+        );
+        registry.register(
+            "probes_answered",
+            "Probe replies received in time",
+            m.probes_answered.clone(),
+        );
+        registry.register(
+            "probe_rtt_seconds",
+            "Round-trip time of answered peer probes (through the VXLAN tunnel and back)",
+            m.probe_rtt.clone(),
+        );
+        registry.register(
+            "peers_reachable",
+            "Peers whose last probes were answered",
+            m.peers_reachable.clone(),
+        );
+        registry.register(
+            "peers_unreachable",
+            "Peers that missed 3 probes in a row (see /status for the likely cause)",
+            m.peers_unreachable.clone(),
+        );
+        registry.register(
+            "ignored_leases",
+            "Subnet keys (or watch events) ignored because overlayd cannot use them, counted once per write; they never remove a peer",
+            m.ignored_leases.clone(),
         );
         m.lease_ttl.set(-1);
         Metrics { registry, ..m }

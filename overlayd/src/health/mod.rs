@@ -9,17 +9,18 @@
 pub mod etcd_contact;
 pub mod http;
 pub mod metrics;
+pub mod probes;
 pub mod readiness;
 pub mod report;
 pub mod server;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
-use overlay_state::ipam_store;
+use overlay_state::{ipam_store, IpamStore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tracing::{info, warn};
@@ -33,7 +34,7 @@ pub use metrics::{ChangeLabels, Metrics, NetworkLabels};
 use metrics::{CheckLabels, RepairLabels};
 use report::{
     ConfigReport, DevicesReport, EtcdReport, IpamReport, LeaseReport, NodeReport, PeerReport,
-    RepairEvent, RepairsReport, StatusReport,
+    ProbeReport, RepairEvent, RepairsReport, StatusReport,
 };
 
 pub use server::serve;
@@ -59,6 +60,9 @@ pub struct Health {
     known: Mutex<Known>,
     /// Wakes the etcd check when the lease changes, so its TTL is known at once.
     lease_changed: tokio::sync::Notify,
+    prober: Mutex<Option<crate::dataplane::probe::Prober>>,
+    /// The lease revision the probe targets were last taken from.
+    probe_revision: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Default)]
@@ -81,6 +85,8 @@ struct Known {
     ipam: Option<(PathBuf, Ipv4Network)>,
     /// Why this node refuses to go on (its subnet held by another node), while it does.
     refused: Option<String>,
+    /// The likely cause for each peer the probes find unreachable.
+    probe_causes: BTreeMap<Ipv4Network, String>,
 }
 
 struct EtcdState {
@@ -106,6 +112,8 @@ impl Health {
             metrics,
             known: Mutex::new(Known::default()),
             lease_changed: tokio::sync::Notify::new(),
+            prober: Mutex::new(None),
+            probe_revision: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 
@@ -217,6 +225,16 @@ impl Health {
         self.known().refused = why;
     }
 
+    /// One subnet key (one write of it) ignored for `reason`.
+    pub fn count_ignored(&self, reason: &str) {
+        self.metrics
+            .ignored_leases
+            .get_or_create(&metrics::ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// The lease to check the TTL of, if any.
     pub fn lease_id(&self) -> Option<i64> {
         let k = self.known();
@@ -287,13 +305,14 @@ impl Health {
     pub fn record_pass<'a>(
         &self,
         set: &LeaseSet,
-        peers: &[Peer],
+        peers: &BTreeMap<Ipv4Network, Peer>,
         failing: impl Iterator<Item = (&'a str, &'a str)>,
         result: Result<Changes, &dyn std::fmt::Display>,
     ) {
         let failing: Vec<(String, String)> = failing
             .map(|(what, e)| (what.to_string(), e.to_string()))
             .collect();
+        self.probe_targets(set.revision, peers);
         let mut k = self.known();
         k.failing = failing.clone();
         match result {
@@ -321,7 +340,7 @@ impl Health {
                 k.last_ok_revision = set.revision;
                 k.last_pass = Some((set.revision, None));
                 k.peers = peers
-                    .iter()
+                    .values()
                     .map(|p| {
                         let key = format!("peer {}", p.subnet);
                         match failing.iter().find(|(what, _)| *what == key) {
@@ -341,7 +360,7 @@ impl Health {
                     .map(|p| p.subnet.clone())
                     .collect();
                 k.peers = peers
-                    .iter()
+                    .values()
                     .map(|p| {
                         let state = if programmed.contains(&p.subnet.to_string()) {
                             "programmed"
@@ -379,8 +398,24 @@ impl Health {
         }
     }
 
-    /// Recounts the pod addresses (a directory listing per network; no file is read).
-    fn ipam_usage(&self) -> Vec<IpamReport> {
+    /// Where pod addresses are counted and reclaimed: the plugin's data dir and the subnet.
+    pub fn ipam_target(&self) -> Option<(PathBuf, Ipv4Network)> {
+        self.known().ipam.clone()
+    }
+
+    /// The names of the node's links, in one dump through the data plane's netlink handle; None
+    /// before the devices exist or if the dump fails (then nothing is reclaimed).
+    pub async fn link_names(&self) -> Option<HashSet<String>> {
+        let handle = self.known().devices.as_ref().map(|(_, h)| h.clone())?;
+        crate::netlink::link_names(&handle)
+            .await
+            .map_err(|e| warn!("cannot list the node's links: {e}"))
+            .ok()
+    }
+
+    /// Recounts the pod addresses per network: allocations by name, and, with the node's link
+    /// names, which belong to live pods and which are leftovers (reads each allocation's file).
+    pub fn ipam_usage(&self, links: Option<&HashSet<String>>) -> Vec<IpamReport> {
         let Some((dir, subnet)) = self.known().ipam.clone() else {
             return Vec::new();
         };
@@ -388,13 +423,14 @@ impl Health {
         self.metrics.pod_addresses.clear();
         let mut out = Vec::new();
         for u in ipam_store::usage(&dir, subnet) {
-            let (allocated, error) = match u.allocated {
+            let labels = NetworkLabels {
+                network: u.network.clone(),
+            };
+            let (allocated, mut error) = match u.allocated {
                 Ok(n) => {
                     self.metrics
                         .pod_addresses
-                        .get_or_create(&NetworkLabels {
-                            network: u.network.clone(),
-                        })
+                        .get_or_create(&labels)
                         .set(n as i64);
                     (Some(n), None)
                 }
@@ -403,12 +439,42 @@ impl Health {
                     (None, Some(e.to_string()))
                 }
             };
+            let store = IpamStore::new(&dir, &u.network).ok();
+            let survey = match (links, &store) {
+                (Some(links), Some(store)) => match store.survey(subnet, links) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        error.get_or_insert(e.to_string());
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let reclaimed_total = store.map(|s| s.reclaimed_total()).unwrap_or(0);
+            self.metrics
+                .pod_addresses_reclaimed
+                .get_or_create(&labels)
+                .set(reclaimed_total as i64);
+            if let Some(s) = &survey {
+                self.metrics
+                    .pod_addresses_live
+                    .get_or_create(&labels)
+                    .set(s.live as i64);
+                self.metrics
+                    .pod_addresses_reclaimable
+                    .get_or_create(&labels)
+                    .set(s.reclaimable as i64);
+            }
             out.push(IpamReport {
                 network: u.network,
                 store: u.dir.display().to_string(),
                 allocated,
                 capacity,
                 error,
+                live: survey.as_ref().map(|s| s.live),
+                reclaimable: survey.as_ref().map(|s| s.reclaimable),
+                starting: survey.as_ref().map(|s| s.young),
+                reclaimed_total,
             });
         }
         out
@@ -416,7 +482,8 @@ impl Health {
 
     /// The whole report; readiness checks included (they look up the devices in the kernel).
     pub async fn report(&self) -> StatusReport {
-        let checks = readiness::checks(self).await;
+        let peers = self.peers_with_probes();
+        let checks = readiness::checks(self, &peers).await;
         let ready = checks.iter().all(|c| c.ok);
         self.metrics.ready.set(i64::from(ready));
         for c in &checks {
@@ -460,10 +527,84 @@ impl Health {
             lease: k.lease.clone(),
             etcd,
             devices: k.devices.as_ref().map(|d| d.0.clone()),
-            peers: k.peers.clone(),
+            peers,
             ipam: Vec::new(),
             repairs,
         }
+    }
+
+    /// Records the cause of an unreachable peer (`None`: it answers). True when it changed.
+    pub(crate) fn set_probe_cause(&self, subnet: Ipv4Network, cause: Option<String>) -> bool {
+        let mut k = self.known();
+        match cause {
+            Some(c) => k.probe_causes.insert(subnet, c.clone()).as_ref() != Some(&c),
+            None => k.probe_causes.remove(&subnet).is_some(),
+        }
+    }
+
+    /// "10.244.5.0/24 (node1, 192.0.2.11)" for logs.
+    pub(crate) fn peer_name(&self, t: &crate::dataplane::probe::Target) -> String {
+        let k = self.known();
+        let name = k
+            .peers
+            .iter()
+            .find(|p| p.subnet == t.subnet.to_string())
+            .and_then(|p| p.node_name.clone());
+        match name {
+            Some(n) => format!("{} ({n}, {})", t.subnet, t.public_ip),
+            None => format!("{} ({})", t.subnet, t.public_ip),
+        }
+    }
+
+    /// Every peer with what its probes say.
+    pub fn peers_with_probes(&self) -> Vec<PeerReport> {
+        let (mut peers, causes) = {
+            let k = self.known();
+            (k.peers.clone(), k.probe_causes.clone())
+        };
+        self.with_probes(&mut peers, &causes);
+        peers
+    }
+
+    /// The probes' view merged into each peer (and the reachable/unreachable gauges).
+    fn with_probes(&self, peers: &mut [PeerReport], causes: &BTreeMap<Ipv4Network, String>) {
+        let snapshot = match self.prober.lock() {
+            Ok(g) => match g.as_ref() {
+                Some(p) => p.snapshot(),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let now = Instant::now();
+        let (mut up, mut down) = (0, 0);
+        for p in peers.iter_mut() {
+            let Ok(subnet) = p.subnet.parse::<Ipv4Network>() else {
+                continue;
+            };
+            let Some(s) = snapshot.get(&subnet) else {
+                continue;
+            };
+            match s.reachable {
+                Some(true) => up += 1,
+                Some(false) => down += 1,
+                None => {}
+            }
+            p.probe = Some(ProbeReport {
+                reachable: s.reachable,
+                rtt_ms: s.last_rtt.map(|r| (r.as_secs_f64() * 1e6).round() / 1e3),
+                misses: s.misses,
+                sent: s.sent,
+                answered: s.answered,
+                since_seconds: secs(now - s.since),
+                cause: if s.reachable == Some(false) {
+                    causes.get(&subnet).cloned()
+                } else {
+                    None
+                },
+            });
+        }
+        self.metrics.peers_reachable.set(up);
+        self.metrics.peers_unreachable.set(down);
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -490,6 +631,7 @@ fn peer_report(p: &Peer, set: &LeaseSet, state: &str) -> PeerReport {
         vtep_mac: p.mac.to_string(),
         direct: p.direct,
         state: state.into(),
+        probe: None,
     }
 }
 

@@ -6,9 +6,36 @@ use std::time::Instant;
 
 use rtnetlink::packet_route::link::LinkFlags;
 
-use super::report::Check;
+use super::report::{Check, PeerReport};
 use super::{Health, DEFAULT_ETCD_HEARD_WITHIN};
 use crate::netlink;
+
+/// Peers the probes find unreachable: reported, but no readiness failure by itself (this node can
+/// do nothing about another node's security group, and restarting it would not help).
+fn unreachable_note(peers: &[PeerReport]) -> String {
+    let down: Vec<String> = peers
+        .iter()
+        .filter_map(|p| {
+            let probe = p.probe.as_ref()?;
+            (probe.reachable == Some(false)).then(|| {
+                format!(
+                    "{} ({}): {}",
+                    p.subnet,
+                    p.node_name.as_deref().unwrap_or(&p.public_ip),
+                    probe.cause.as_deref().unwrap_or("no reply")
+                )
+            })
+        })
+        .collect();
+    if down.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; {} unreachable through the overlay: {}",
+        down.len(),
+        down.join("; ")
+    )
+}
 
 fn check(name: &str, result: Result<String, String>) -> Check {
     let (ok, detail) = match result {
@@ -22,7 +49,7 @@ fn check(name: &str, result: Result<String, String>) -> Check {
     }
 }
 
-pub async fn checks(h: &Health) -> Vec<Check> {
+pub async fn checks(h: &Health, peer_reports: &[PeerReport]) -> Vec<Check> {
     let (lease, iptables, peers, etcd, devices, lease_only) = {
         let k = h.known();
         let lease_only = k.settings.as_ref().is_some_and(|s| s.lease_only);
@@ -64,7 +91,11 @@ pub async fn checks(h: &Health) -> Vec<Check> {
                     .collect::<Vec<_>>()
                     .join("; ")
             )),
-            Some((_, None)) => Ok(format!("all {} peers programmed", k.peers.len())),
+            Some((_, None)) => Ok(format!(
+                "all {} peers programmed{}",
+                k.peers.len(),
+                unreachable_note(peer_reports)
+            )),
         };
         let etcd = match &k.etcd {
             None => Err("not connected to etcd yet (see the log for why)".to_string()),

@@ -89,6 +89,24 @@ pub struct PeerReport {
     pub direct: bool,
     /// `programmed` once its route, ARP and FDB entries are in the kernel; `pending` until then.
     pub state: String,
+    /// What the probes through the overlay say (absent while probing is off).
+    #[serde(default)]
+    pub probe: Option<ProbeReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// `None` until the first answer, or the first verdict of unreachable.
+    pub reachable: Option<bool>,
+    pub rtt_ms: Option<f64>,
+    /// Probes missed in a row.
+    pub misses: u32,
+    pub sent: u64,
+    pub answered: u64,
+    /// Seconds since `reachable` last changed.
+    pub since_seconds: f64,
+    /// The likely cause while unreachable.
+    pub cause: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +116,18 @@ pub struct IpamReport {
     pub allocated: Option<usize>,
     pub capacity: usize,
     pub error: Option<String>,
+    /// Of those allocated: pods whose host veth exists (None: the node's links were not read).
+    #[serde(default)]
+    pub live: Option<usize>,
+    /// Leftovers of sandboxes gone without DEL (no host veth, older than the grace).
+    #[serde(default)]
+    pub reclaimable: Option<usize>,
+    /// Without a host veth but younger than the grace: ADDs in progress (or just killed).
+    #[serde(default)]
+    pub starting: Option<usize>,
+    /// Given back without DEL since the store was made.
+    #[serde(default)]
+    pub reclaimed_total: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -20,7 +20,8 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let mut checks = super::readiness::checks(&h).await;
+    let peers = h.peers_with_probes();
+    let mut checks = super::readiness::checks(&h, &peers).await;
     let ready = checks.iter().all(|c| c.ok);
     h.metrics().ready.set(i64::from(ready));
     checks.sort_by_key(|c| c.ok);
@@ -40,8 +41,9 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
 async fn status(State(h): State<Arc<Health>>) -> impl IntoResponse {
     let mut report = h.report().await;
     let counted = h.clone();
+    let links = h.link_names().await;
     // Directory listings: off the async threads.
-    report.ipam = tokio::task::spawn_blocking(move || counted.ipam_usage())
+    report.ipam = tokio::task::spawn_blocking(move || counted.ipam_usage(links.as_ref()))
         .await
         .unwrap_or_default();
     match serde_json::to_string_pretty(&report) {
@@ -62,7 +64,8 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
     // The readiness gauges and the pod address counts are refreshed at each scrape.
     let _ = h.report().await;
     let counted = h.clone();
-    let _ = tokio::task::spawn_blocking(move || counted.ipam_usage()).await;
+    let links = h.link_names().await;
+    let _ = tokio::task::spawn_blocking(move || counted.ipam_usage(links.as_ref())).await;
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &h.metrics().registry) {
         Ok(()) => (

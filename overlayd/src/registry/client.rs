@@ -1,12 +1,11 @@
 //! Connection to etcd, and the reads every other piece builds on.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions};
 use ipnetwork::Ipv4Network;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::keys::Keys;
 use super::lease_value::{Lease, LeaseValue};
@@ -35,11 +34,22 @@ pub enum RegistryError {
         #[source]
         source: ConfigError,
     },
-    #[error("cannot read TLS file {path}: {source}")]
+    // `cause`, not `source`: the message says it already, `{:#}` would say it twice.
+    #[error("cannot read TLS file {path} (for etcd at {endpoints}): {cause}")]
     TlsFile {
         path: String,
-        source: std::io::Error,
+        endpoints: String,
+        cause: std::io::Error,
     },
+    #[error("TLS file {path} (for etcd at {endpoints}) {problem}")]
+    TlsContent {
+        path: String,
+        endpoints: String,
+        problem: String,
+    },
+    /// The TLS handshake failed for a reason waiting cannot fix.
+    #[error("TLS with etcd at {endpoints} failed: {detail}")]
+    TlsRejected { endpoints: String, detail: String },
     #[error("etcd at {endpoints} refused the request: {detail}")]
     Rejected { endpoints: String, detail: String },
     #[error(
@@ -65,6 +75,8 @@ pub struct Registry {
     client: Client,
     pub keys: Keys,
     errors: ErrorContext,
+    /// Immediate retries of a call that found no connection: twice per other endpoint.
+    retries: usize,
 }
 
 /// What an etcd failure is told with: one mapping for connecting and for every call.
@@ -75,6 +87,8 @@ struct ErrorContext {
     tls_hint: &'static str,
     prefix: String,
     user: Option<String>,
+    cafile: Option<String>,
+    certfile: Option<String>,
 }
 
 impl Registry {
@@ -82,9 +96,13 @@ impl Registry {
     /// first call, as [`RegistryError::Unreachable`].
     pub async fn connect(args: &EtcdArgs) -> Result<Registry, RegistryError> {
         let endpoints = args.etcd_endpoints.join(",");
+        // Requiring a leader (etcd's `hasleader` metadata, clientv3.WithRequireLeader in Go, as
+        // kube-apiserver sets on its watches): a member cut off from the others refuses calls
+        // and cancels our watch, instead of serving a view that no longer changes.
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&args.etcd_username, &args.etcd_password) {
             // etcd forgets every token when it restarts (and after its TTL): without the refresh
             // each call would fail with "invalid auth token" from then on.
@@ -92,20 +110,7 @@ impl Registry {
                 .with_user(u.clone(), p.clone())
                 .with_auto_token_refresh(true);
         }
-        if args.etcd_cafile.is_some() || args.etcd_certfile.is_some() {
-            let mut tls = TlsOptions::new();
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|source| RegistryError::TlsFile {
-                    path: p.display().to_string(),
-                    source,
-                })
-            };
-            if let Some(ca) = &args.etcd_cafile {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-            }
-            if let (Some(c), Some(k)) = (&args.etcd_certfile, &args.etcd_keyfile) {
-                tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
-            }
+        if let Some(tls) = super::tls_files::load(args, &endpoints)? {
             opts = opts.with_tls(tls);
         }
         let https = args
@@ -127,6 +132,8 @@ impl Registry {
             tls_hint,
             prefix: keys.prefix().to_string(),
             user: args.etcd_username.clone(),
+            cafile: args.etcd_cafile.as_ref().map(|p| p.display().to_string()),
+            certfile: args.etcd_certfile.as_ref().map(|p| p.display().to_string()),
         };
         // With credentials, connecting authenticates at once (a call); without, it is lazy.
         let client = Client::connect(&args.etcd_endpoints, Some(opts))
@@ -136,6 +143,7 @@ impl Registry {
             client,
             keys,
             errors,
+            retries: 2 * args.etcd_endpoints.len().saturating_sub(1),
         })
     }
 
@@ -153,22 +161,35 @@ impl Registry {
     /// does that by itself only for "invalid auth token", not for "revision of auth store is old",
     /// which etcd answers (with JWT tokens, and to calls in flight during the change) after any
     /// `user add` or `role grant` by anyone.
+    ///
+    /// With several endpoints, a call that fails at once for want of a connection (a member down,
+    /// or without a leader) is made again: etcd-client's balancing picks endpoints at random and
+    /// does not leave a dead one out, so the next try most likely reaches a live member.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match self.call_once(f(self.client.clone())).await {
-            Err(Stale(e)) if self.errors.user.is_some() => {
-                info!(
-                    "etcd's auth store changed since this node logged in ({e}); logging in again"
-                );
-                self.relogin().await?;
-                self.call_once(f(self.client.clone()))
-                    .await
-                    .map_err(|c| c.into_error(self))
+        let mut relogged = false;
+        let mut other_members = self.retries;
+        loop {
+            match self.call_once(f(self.client.clone())).await {
+                Ok(v) => return Ok(v),
+                Err(Stale(e)) if self.errors.user.is_some() && !relogged => {
+                    info!(
+                        "etcd's auth store changed since this node logged in ({e}); logging in again"
+                    );
+                    self.relogin().await?;
+                    relogged = true;
+                }
+                Err(CallError::Failed(e @ RegistryError::Unreachable { .. }))
+                    if other_members > 0 =>
+                {
+                    other_members -= 1;
+                    debug!("{e}; trying again (another member)");
+                }
+                Err(c) => return Err(c.into_error(self)),
             }
-            other => other.map_err(|c| c.into_error(self)),
         }
     }
 
@@ -180,7 +201,7 @@ impl Registry {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_stale_login(&e) => Err(Stale(e)),
             Ok(Err(e)) => Err(CallError::Failed(self.map_err(e))),
-            Err(_) => Err(CallError::Failed(RegistryError::Unreachable {
+            Err(_) => Err(CallError::TimedOut(RegistryError::Unreachable {
                 endpoints: self.errors.endpoints.clone(),
                 detail: format!("no answer within {}s", CALL_TIMEOUT.as_secs()),
             })),
@@ -236,15 +257,14 @@ impl Registry {
             .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut leases = BTreeMap::new();
+        let mut set = LeaseSet {
+            revision,
+            ..LeaseSet::default()
+        };
         for kv in resp.kvs() {
-            if let Some(lease) =
-                self.lease_from_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())
-            {
-                leases.insert(lease.subnet, lease);
-            }
+            set.apply_put(self, kv.key(), kv.value(), kv.lease(), kv.mod_revision());
         }
-        Ok(LeaseSet { revision, leases })
+        Ok(set)
     }
 
     /// The key of one subnet, if it exists.
@@ -281,6 +301,8 @@ impl Registry {
 enum CallError {
     Stale(etcd_client::Error),
     Failed(RegistryError),
+    /// No answer within [`CALL_TIMEOUT`]: not tried again at once (it already took long).
+    TimedOut(RegistryError),
 }
 use CallError::Stale;
 
@@ -288,7 +310,7 @@ impl CallError {
     fn into_error(self, reg: &Registry) -> RegistryError {
         match self {
             Stale(e) => reg.map_err(e),
-            CallError::Failed(e) => e,
+            CallError::Failed(e) | CallError::TimedOut(e) => e,
         }
     }
 }
@@ -310,9 +332,18 @@ impl ErrorContext {
             E::GRpcStatus(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        // A connection etcd drops in the TLS handshake (no or a refused client
+                        // certificate) can surface as a cancelled call.
+                        | tonic::Code::Cancelled
                 ) =>
             {
+                let cause = std::error::Error::source(&s).map(root_cause);
+                if let Some(detail) = cause.as_deref().and_then(|c| self.tls_refusal(c)) {
+                    return RegistryError::TlsRejected { endpoints, detail };
+                }
                 RegistryError::Unreachable {
                     endpoints,
                     detail: match std::error::Error::source(&s) {
@@ -353,10 +384,16 @@ impl ErrorContext {
                     detail: format!("{}: {}{hint}", s.code(), s.message()),
                 }
             }
-            E::TransportError(t) => RegistryError::Unreachable {
-                endpoints,
-                detail: format!("{t}: {}{}", root_cause(&t), self.tls_hint),
-            },
+            E::TransportError(t) => {
+                let cause = root_cause(&t);
+                match self.tls_refusal(&cause) {
+                    Some(detail) => RegistryError::TlsRejected { endpoints, detail },
+                    None => RegistryError::Unreachable {
+                        endpoints,
+                        detail: format!("{t}: {cause}{}", self.tls_hint),
+                    },
+                }
+            }
             E::IoError(io) => RegistryError::Unreachable {
                 endpoints,
                 detail: io.to_string(),
@@ -365,6 +402,33 @@ impl ErrorContext {
                 endpoints,
                 detail: other.to_string(),
             },
+        }
+    }
+}
+
+impl ErrorContext {
+    /// A handshake failure that names what to fix: etcd's certificate not signed by our CA, or
+    /// our client certificate refused by etcd.
+    fn tls_refusal(&self, cause: &str) -> Option<String> {
+        let ca = self.cafile.as_deref().unwrap_or("(none given)");
+        let cert = self.certfile.as_deref().unwrap_or("(none given)");
+        if cause.contains("UnknownIssuer") || cause.contains("invalid peer certificate") {
+            Some(format!(
+                "etcd's server certificate is not signed by the CA in {ca} (--etcd-cafile): \
+                 {cause}. Pass the CA etcd's --cert-file was issued by"
+            ))
+        } else if cause.contains("BadCertificate")
+            || cause.contains("CertificateExpired")
+            || cause.contains("UnknownCA")
+            || cause.contains("CertificateRequired")
+        {
+            Some(format!(
+                "etcd refused this node's client certificate {cert} (--etcd-certfile): {cause}. \
+                 It must be signed by the CA in etcd's --trusted-ca-file and be valid now \
+                 (`openssl x509 -noout -issuer -dates -in {cert}`)"
+            ))
+        } else {
+            None
         }
     }
 }

@@ -11,6 +11,8 @@ pub mod config_watch;
 pub mod keepalive;
 pub mod keys;
 pub mod lease_value;
+pub mod screen;
+pub mod tls_files;
 pub mod watch;
 
 pub use acquire::{acquire, reassert, AcquireError, AcquireRequest, Acquired, How, ReassertError};

@@ -1,7 +1,7 @@
 //! A local mirror of every subnet key: a full listing at revision R, then a watch from R+1.
 //!
 //! Watch loss resumes from the last revision seen; compaction (the revision we want is gone) forces a
-//! full listing again. Failures back off with a cap, so an etcd outage costs ~0 CPU.
+//! full listing again. Failures back off with a (low) cap, so an etcd outage costs ~0 CPU.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,20 +14,111 @@ use tracing::{debug, info, warn};
 
 use super::client::Registry;
 use super::lease_value::Lease;
+use super::screen::{IgnoreReason, Ignored, TRUNCATED_EVENT_KEY};
 use crate::backoff::Backoff;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseSet {
     /// The etcd revision this set reflects.
     pub revision: i64,
+    /// Every subnet key. A value overlayd cannot read is `None`, unless the key held a readable
+    /// one before: then that one stays (one bad write must not remove a peer).
     pub leases: BTreeMap<Ipv4Network, Lease>,
+    /// Keys under `subnets/` that could not be read, by key (relative to `subnets/`).
+    pub ignored: BTreeMap<String, Ignored>,
 }
+
+impl LeaseSet {
+    /// Applies one key as etcd has it now (from a listing or a put event); whether anything the
+    /// supervisor looks at changed.
+    pub fn apply_put(
+        &mut self,
+        reg: &Registry,
+        key: &[u8],
+        value: &[u8],
+        lease_id: i64,
+        mod_revision: i64,
+    ) -> bool {
+        let name = relative_key(reg, key);
+        let Some(new) = reg.lease_from_kv(key, value, lease_id, mod_revision) else {
+            self.ignored.insert(
+                name,
+                Ignored {
+                    mod_revision,
+                    reason: IgnoreReason::BadKey,
+                },
+            );
+            return true; // news: it gets logged and counted
+        };
+        if new.value.is_none() {
+            self.ignored.insert(
+                name,
+                Ignored {
+                    mod_revision,
+                    reason: IgnoreReason::NotJson,
+                },
+            );
+            if self
+                .leases
+                .get(&new.subnet)
+                .is_some_and(|old| old.value.is_some())
+            {
+                return true; // the last readable value stays; the bad one is news
+            }
+        } else {
+            self.ignored.remove(&name);
+        }
+        self.leases.insert(new.subnet, new);
+        true
+    }
+
+    /// Applies a deleted key.
+    pub fn apply_delete(&mut self, reg: &Registry, key: &[u8]) -> bool {
+        self.ignored.remove(&relative_key(reg, key));
+        match reg.keys.parse_subnet(key) {
+            Some(s) => self.leases.remove(&s).is_some(),
+            None => false,
+        }
+    }
+
+    /// After a full listing: keys whose value became unreadable keep the readable value `prev`
+    /// had for them.
+    fn keep_readable_from(&mut self, prev: &LeaseSet) {
+        for (subnet, l) in self.leases.iter_mut() {
+            if l.value.is_none() {
+                if let Some(old) = prev.leases.get(subnet).filter(|o| o.value.is_some()) {
+                    *l = old.clone();
+                }
+            }
+        }
+    }
+}
+
+fn relative_key(reg: &Registry, key: &[u8]) -> String {
+    let key = String::from_utf8_lossy(key);
+    key.strip_prefix(&reg.keys.subnets())
+        .unwrap_or(&key)
+        .to_string()
+}
+
+/// The longest wait between two attempts to list or watch: a node is back on etcd within about
+/// this long of etcd's return.
+pub const WATCH_RETRY_CAP: Duration = Duration::from_secs(4);
+
+/// A watch quiet for this long is asked for its progress...
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// ...and given up (listed again) when nothing comes within this long of asking: a member cut
+/// off from the others can keep a stream open that never sends anything again.
+pub const PROGRESS_DEADLINE: Duration = Duration::from_secs(5);
 
 enum WatchEnd {
     /// Resume from the last revision.
     Lost,
     /// History is gone: list everything again.
     Compacted,
+    /// The stream stopped answering, or etcd's revision went back (restored from a snapshot):
+    /// list everything again.
+    Relist,
     /// etcd cancelled the watch; `auth` when for the login (a token older than the last change to
     /// users or roles is refused with "permission denied" when a watch opens).
     Canceled { auth: bool },
@@ -45,14 +136,22 @@ pub async fn follow_from(
     tx: watch::Sender<Arc<LeaseSet>>,
     mut start: Option<LeaseSet>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    // Capped low: the watch is how a node learns etcd is back, and one reconnect attempt every
+    // few seconds costs nothing.
+    let mut backoff = Backoff::new(Duration::from_millis(500), WATCH_RETRY_CAP);
+    let mut prev: Option<LeaseSet> = None;
     'resync: loop {
         let listed = match start.take() {
             Some(s) => Ok(s),
             None => reg.list_leases().await,
         };
         let mut set = match listed {
-            Ok(s) => s,
+            Ok(mut s) => {
+                if let Some(p) = prev.take() {
+                    s.keep_readable_from(&p);
+                }
+                s
+            }
             Err(e) => {
                 let wait = backoff.next_delay();
                 warn!(
@@ -83,6 +182,11 @@ pub async fn follow_from(
                         "etcd compacted past revision {}; resyncing all leases",
                         set.revision + 1
                     );
+                    prev = Some(set);
+                    continue 'resync;
+                }
+                WatchEnd::Relist => {
+                    prev = Some(set);
                     continue 'resync;
                 }
                 WatchEnd::Canceled { auth: true } if may_relogin && reg.has_user() => {
@@ -128,8 +232,39 @@ async fn watch_from(
             return WatchEnd::Lost;
         }
     };
+    let mut asked_progress = false;
+    let mut first = true;
     loop {
-        let msg = match stream.message().await {
+        let wait = if asked_progress {
+            PROGRESS_DEADLINE
+        } else {
+            PROGRESS_EVERY
+        };
+        let next = match tokio::time::timeout(wait, stream.message()).await {
+            Ok(next) => next,
+            Err(_) if asked_progress => {
+                warn!(
+                    "the lease watch on {} sent nothing, not even the progress asked for {}s                      ago; listing every lease again",
+                    reg.endpoints(),
+                    PROGRESS_DEADLINE.as_secs()
+                );
+                return WatchEnd::Relist;
+            }
+            Err(_) => {
+                if let Err(e) = stream.request_progress().await {
+                    warn!(
+                        "lease watch lost: {}; resuming from revision {}",
+                        reg.map_err(e),
+                        set.revision + 1
+                    );
+                    return WatchEnd::Lost;
+                }
+                asked_progress = true;
+                continue;
+            }
+        };
+        asked_progress = false;
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => {
                 warn!(
@@ -160,26 +295,37 @@ async fn watch_from(
                 auth: is_auth_refusal(reason),
             };
         }
+        let server_revision = msg.header().map(|h| h.revision()).unwrap_or(0);
+        if std::mem::take(&mut first) && server_revision > 0 && server_revision < set.revision {
+            warn!(
+                "etcd's revision {server_revision} is below the last one seen, {} (etcd restored \
+                 from a snapshot?); listing every lease again",
+                set.revision
+            );
+            return WatchEnd::Relist;
+        }
         backoff.reset();
         *progressed = true;
         let mut changed = false;
+        let revision = msg.header().map(|h| h.revision()).unwrap_or(set.revision);
         for ev in msg.events() {
-            let Some(kv) = ev.kv() else { continue };
-            match ev.event_type() {
+            let Some(kv) = ev.kv() else {
+                set.ignored.insert(
+                    TRUNCATED_EVENT_KEY.to_string(),
+                    Ignored {
+                        mod_revision: revision,
+                        reason: IgnoreReason::TruncatedEvent,
+                    },
+                );
+                changed = true;
+                continue;
+            };
+            changed |= match ev.event_type() {
                 EventType::Put => {
-                    if let Some(l) =
-                        reg.lease_from_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())
-                    {
-                        set.leases.insert(l.subnet, l);
-                        changed = true;
-                    }
+                    set.apply_put(reg, kv.key(), kv.value(), kv.lease(), kv.mod_revision())
                 }
-                EventType::Delete => {
-                    if let Some(s) = reg.keys.parse_subnet(kv.key()) {
-                        changed |= set.leases.remove(&s).is_some();
-                    }
-                }
-            }
+                EventType::Delete => set.apply_delete(reg, kv.key()),
+            };
         }
         if let Some(h) = msg.header() {
             set.revision = set.revision.max(h.revision());

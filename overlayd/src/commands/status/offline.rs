@@ -68,7 +68,13 @@ pub async fn collect(args: &StatusArgs, why_not: &str) -> Out {
         }
     };
     if let Some(f) = &file {
-        pod_addresses(&mut out, &args.node.cni_data_dir, f);
+        let links = async {
+            let (conn, handle, _) = rtnetlink::new_connection().ok()?;
+            tokio::spawn(conn);
+            crate::netlink::link_names(&handle).await.ok()
+        }
+        .await;
+        pod_addresses(&mut out, &args.node.cni_data_dir, f, links.as_ref());
     }
 
     let routed = routes(&mut out).await;
@@ -230,7 +236,12 @@ async fn etcd_view(
 
 /// How many of the subnet's pod addresses the plugin has handed out, per CNI network (one store
 /// each under the plugin's `dataDir`).
-fn pod_addresses(out: &mut Out, data_dir: &Path, file: &SubnetFile) {
+fn pod_addresses(
+    out: &mut Out,
+    data_dir: &Path,
+    file: &SubnetFile,
+    links: Option<&std::collections::HashSet<String>>,
+) {
     let capacity = pod_capacity(file.subnet);
     let stores = ipam_store::usage(data_dir, file.subnet);
     if stores.is_empty() {
@@ -246,8 +257,25 @@ fn pod_addresses(out: &mut Out, data_dir: &Path, file: &SubnetFile) {
         match u.allocated {
             Ok(used) => {
                 let full = used >= capacity;
+                // Live pods and leftovers of sandboxes gone without DEL apart (by the node's links).
+                let survey = links.and_then(|l| {
+                    overlay_state::IpamStore::new(data_dir, &u.network)
+                        .ok()?
+                        .survey(file.subnet, l)
+                        .ok()
+                });
+                let split = survey
+                    .as_ref()
+                    .map(|s| {
+                        format!(
+                            ": {} live pods, {} reclaimable leftovers of sandboxes gone without \
+                             DEL, {} starting; {} reclaimed so far",
+                            s.live, s.reclaimable, s.young, s.reclaimed_total
+                        )
+                    })
+                    .unwrap_or_default();
                 out.line(format!(
-                    "pod addresses (network {}): {used} of {capacity} allocated{}, store {}",
+                    "pod addresses (network {}): {used} of {capacity} allocated{split}{}, store {}",
                     u.network,
                     if full {
                         " - FULL: new pods on this node fail; delete pods, or run CNI GC to release leaked addresses"
@@ -256,7 +284,15 @@ fn pod_addresses(out: &mut Out, data_dir: &Path, file: &SubnetFile) {
                     },
                     u.dir.display()
                 ));
-                js.push(json!({"network": u.network, "allocated": used, "capacity": capacity}));
+                js.push(json!({
+                    "network": u.network,
+                    "allocated": used,
+                    "capacity": capacity,
+                    "live": survey.as_ref().map(|s| s.live),
+                    "reclaimable": survey.as_ref().map(|s| s.reclaimable),
+                    "starting": survey.as_ref().map(|s| s.young),
+                    "reclaimed_total": survey.as_ref().map(|s| s.reclaimed_total),
+                }));
             }
             Err(e) => {
                 out.line(format!("pod addresses (network {}): {e}", u.network));

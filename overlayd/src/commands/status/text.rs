@@ -83,9 +83,22 @@ pub fn render(r: &StatusReport, addr: SocketAddr) -> String {
     }
     let _ = writeln!(o, "peers ({}):", r.peers.len());
     for p in &r.peers {
+        let probe = match &p.probe {
+            None => String::new(),
+            Some(pr) => match (pr.reachable, pr.rtt_ms) {
+                (Some(true), Some(rtt)) => format!(", answers ({rtt:.2} ms)"),
+                (Some(true), None) => ", answers".to_string(),
+                (Some(false), _) => format!(
+                    ", UNREACHABLE for {:.0} s: {}",
+                    pr.since_seconds,
+                    pr.cause.as_deref().unwrap_or("no reply")
+                ),
+                (None, _) => ", not probed yet".to_string(),
+            },
+        };
         let _ = writeln!(
             o,
-            "  {:<18} {:<16} {:<24} {}{}",
+            "  {:<18} {:<16} {:<24} {}{}{probe}",
             p.subnet,
             p.public_ip,
             p.node_name.as_deref().unwrap_or("-"),
@@ -104,9 +117,18 @@ pub fn render(r: &StatusReport, addr: SocketAddr) -> String {
                 } else {
                     ""
                 };
+                // Live pods and leftovers apart: a full subnet of leftovers heals itself.
+                let split = match (u.live, u.reclaimable, u.starting) {
+                    (Some(live), Some(left), Some(starting)) => format!(
+                        ": {live} live pods, {left} reclaimable leftovers of sandboxes gone \
+                         without DEL, {starting} starting; {} reclaimed so far",
+                        u.reclaimed_total
+                    ),
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     o,
-                    "pod addresses (network {}): {n} of {} allocated{full}",
+                    "pod addresses (network {}): {n} of {} allocated{split}{full}",
                     u.network, u.capacity
                 );
             }

@@ -1,0 +1,223 @@
+//! overlayd against a three-member etcd cluster (issue 10): the member it talks to is killed, or
+//! cut off from the other two while it still answers clients. Each member runs in its own lab
+//! namespace; overlayd runs `--lease-only` in a node namespace on the same underlay. Needs root.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use overlay_testlab::etcd_cluster::EtcdCluster;
+use overlay_testlab::{bin, require_root, wait_for, Daemon, Netns};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str =
+    r#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":1}}"#;
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const METRICS: &str = "127.0.0.1:9472";
+
+fn peer(n: u8) -> String {
+    format!(
+        r#"{{"PublicIP":"192.0.2.{n}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:00:00:{n:02x}"}}}}"#
+    )
+}
+
+struct Node {
+    daemon: Daemon,
+    ns: Netns,
+    _dir: tempfile::TempDir,
+}
+
+/// A node whose overlayd is connected to member 0 only: the others are unreachable from the
+/// node (TCP reset) until it has leased, then reachable again. So "the member overlayd talks to"
+/// is known.
+fn node_on_member0(cluster: &mut EtcdCluster) -> Node {
+    let ns = Netns::new("en");
+    cluster.attach(&ns, NODE_IP);
+    let others: Vec<String> = cluster.members[1..]
+        .iter()
+        .map(|m| m.ip.to_string())
+        .collect();
+    let block = |op: &str| {
+        for ip in &others {
+            overlay_testlab::run(ns.cmd("iptables").args([
+                op,
+                "OUTPUT",
+                "-d",
+                ip,
+                "-p",
+                "tcp",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ]));
+        }
+    };
+    block("-A");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = ns.cmd(bin("overlayd").to_str().expect("utf8 path"));
+    cmd.args([
+        "run",
+        "--lease-only",
+        "--iface",
+        "eth0",
+        "--node-name",
+        "node0",
+    ])
+    .args(["--etcd-endpoints", &cluster.endpoints()])
+    .args(["--lease-ttl", "6s", "--metrics-addr", METRICS])
+    .arg("--subnet-file")
+    .arg(dir.path().join("subnet.env"))
+    .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn("overlayd node0", cmd, dir.path().join("node0.log"));
+    daemon.wait_log("leased subnet", Duration::from_secs(30));
+    block("-D");
+    Node {
+        daemon,
+        ns,
+        _dir: dir,
+    }
+}
+
+fn leases_seen(node: &Node) -> Option<u64> {
+    let out = node
+        .ns
+        .cmd("curl")
+        .args(["-s", "--max-time", "2"])
+        .arg(format!("http://{METRICS}/metrics"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("overlayd_subnet_leases "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The node's own key and the etcd lease behind it, read through member `via`.
+fn own_key(cluster: &EtcdCluster, via: usize) -> (String, i64) {
+    let out = cluster.ctl_via(
+        via,
+        &[
+            "get",
+            &format!("{PREFIX}/subnets/"),
+            "--prefix",
+            "-w",
+            "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    for kv in kvs {
+        let value = kv["value"].as_str().map(b64).unwrap_or_default();
+        if value.contains(&NODE_IP.to_string()) {
+            let key = kv["key"].as_str().map(b64).unwrap_or_default();
+            return (key, kv["lease"].as_i64().unwrap_or(0));
+        }
+    }
+    panic!("no key for {NODE_IP}: {out}");
+}
+
+/// etcdctl's JSON has keys and values in base64.
+fn b64(s: &str) -> String {
+    let out = std::process::Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("base64");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn killing_the_member_overlayd_talks_to_keeps_the_lease_and_the_updates() {
+    if !require_root("killing_the_member_overlayd_talks_to_keeps_the_lease_and_the_updates") {
+        return;
+    }
+    let mut cluster = EtcdCluster::start();
+    cluster.put(&format!("{PREFIX}/config"), CONFIG);
+    let mut node = node_on_member0(&mut cluster);
+    let (key, lease) = own_key(&cluster, 1);
+    wait_for(
+        "the node to count its lease",
+        Duration::from_secs(5),
+        || (leases_seen(&node) == Some(1)).then_some(()),
+    );
+
+    cluster.kill(0);
+    let killed = Instant::now();
+    cluster.put_via(1, &format!("{PREFIX}/subnets/10.244.200.0-24"), &peer(200));
+    wait_for(
+        "the node to see a lease written after the kill",
+        Duration::from_secs(5),
+        || (leases_seen(&node) == Some(2)).then_some(()),
+    );
+    eprintln!(
+        "failover: member 0 killed, a new lease seen through another member {:?} later",
+        killed.elapsed()
+    );
+    cluster.put_via(2, &format!("{PREFIX}/subnets/10.244.201.0-24"), &peer(201));
+    wait_for("the next update", Duration::from_secs(5), || {
+        (leases_seen(&node) == Some(3)).then_some(())
+    });
+    // Two TTLs (6 s) later the same key and lease are there: keep-alives moved on too.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        own_key(&cluster, 1),
+        (key, lease),
+        "{}",
+        node.daemon.log_text()
+    );
+    assert!(node.daemon.is_running());
+    assert!(!node
+        .daemon
+        .log_text()
+        .contains("leasing the same subnet again"));
+}
+
+#[test]
+fn member_cut_off_from_the_others_is_left_for_one_with_a_leader() {
+    if !require_root("member_cut_off_from_the_others_is_left_for_one_with_a_leader") {
+        return;
+    }
+    let mut cluster = EtcdCluster::start();
+    cluster.put(&format!("{PREFIX}/config"), CONFIG);
+    let mut node = node_on_member0(&mut cluster);
+    let (key, lease) = own_key(&cluster, 1);
+    wait_for(
+        "the node to count its lease",
+        Duration::from_secs(5),
+        || (leases_seen(&node) == Some(1)).then_some(()),
+    );
+
+    // Member 0 keeps answering clients but loses the others: no leader on its side.
+    cluster.isolate(0);
+    let cut = Instant::now();
+    wait_for(
+        "members 1 and 2 to have a leader",
+        Duration::from_secs(15),
+        || cluster.leader().filter(|l| *l != 0).map(|_| ()),
+    );
+    cluster.put_via(1, &format!("{PREFIX}/subnets/10.244.200.0-24"), &peer(200));
+    wait_for(
+        "the node to see a lease written on the majority side",
+        Duration::from_secs(10),
+        || (leases_seen(&node) == Some(2)).then_some(()),
+    );
+    eprintln!(
+        "partition: member 0 cut off; a lease written on the majority seen {:?} after the cut",
+        cut.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        own_key(&cluster, 1),
+        (key, lease),
+        "{}",
+        node.daemon.log_text()
+    );
+    assert!(node.daemon.is_running());
+    cluster.heal(0);
+}
