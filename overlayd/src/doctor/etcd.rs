@@ -18,7 +18,8 @@ pub async fn checks(cx: &Context) -> Vec<Finding> {
         Err(e) => {
             let fix = match &e {
                 RegistryError::AuthFailed { .. } => "fix the overlayd-etcd-auth Secret (username/password)",
-                RegistryError::TlsFile { .. } => "check the overlayd-etcd-tls Secret and the --etcd-cafile/--etcd-certfile/--etcd-keyfile paths",
+                RegistryError::TlsFile { .. } | RegistryError::TlsContent { .. } => "check the overlayd-etcd-tls Secret and the --etcd-cafile/--etcd-certfile/--etcd-keyfile paths",
+                RegistryError::TlsRejected { .. } => "replace the TLS file the message names (the overlayd-etcd-tls Secret)",
                 _ => "check --etcd-endpoints (OVERLAYD_ETCD_ENDPOINTS), the security group from this node to etcd's client port, and the TLS flags",
             };
             return vec![
@@ -31,21 +32,32 @@ pub async fn checks(cx: &Context) -> Vec<Finding> {
     };
     let mut out = Vec::new();
     let config = reg.network_config().await;
-    let reachable = !matches!(config, Err(RegistryError::Unreachable { .. }));
+    let reachable = !matches!(
+        config,
+        Err(RegistryError::Unreachable { .. }) | Err(RegistryError::TlsRejected { .. })
+    );
     out.push(match &config {
-        Err(RegistryError::Unreachable { .. }) | Err(RegistryError::AuthFailed { .. }) => {
-            Finding::fail(
-                ETCD,
-                config.as_ref().err().map(ToString::to_string).unwrap_or_default(),
-                "check --etcd-endpoints, the network path to etcd's client port, TLS and credentials",
-            )
-        }
+        Err(RegistryError::Unreachable { .. })
+        | Err(RegistryError::AuthFailed { .. })
+        | Err(RegistryError::TlsRejected { .. }) => Finding::fail(
+            ETCD,
+            config
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            "check --etcd-endpoints, the network path to etcd's client port, TLS and credentials",
+        ),
         _ => Finding::pass(
             ETCD,
             format!(
                 "{} answers{}{}",
                 reg.endpoints(),
-                if args.etcd_cafile.is_some() { ", TLS verified" } else { "" },
+                if args.etcd_cafile.is_some() {
+                    ", TLS verified"
+                } else {
+                    ""
+                },
                 args.etcd_username
                     .as_ref()
                     .map(|u| format!(", logged in as {u}"))
