@@ -3,13 +3,16 @@
 # Full build (a machine that can pull images):
 #   docker build -t overlayd:0.1.0 .          (or: podman build --network host -t overlayd:0.1.0 .)
 # scripts/image.sh builds the same file offline: it makes the base image with debootstrap, builds
-# the binaries on the host and selects them with --build-arg BINARIES=prebuilt (see that script).
+# the binaries on the host and builds `--target runtime-prebuilt` with a context holding only
+# bin/overlayd and bin/overlay (see that script).
+#
+# Stages: build (compiles) -> runtime (the default, last); runtime-base is shared with
+# runtime-prebuilt. Two final stages rather than `FROM ${BINARIES}`: podman 4.3's buildah does not
+# build a stage that is named only through a build-arg, and BuildKit does not expand args in
+# `COPY --from`; both skip stages a target does not need.
 
 ARG RUST_IMAGE=docker.io/library/rust:1.85-bookworm
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
-# Which stage supplies /out/{overlayd,overlay}: `build` compiles them here, `prebuilt` takes them
-# from the build context's bin/ (scripts/image.sh, no registry for the rust image).
-ARG BINARIES=build
 
 FROM ${RUST_IMAGE} AS build
 RUN apt-get update \
@@ -23,12 +26,7 @@ RUN OVERLAYD_GIT_COMMIT=${OVERLAYD_GIT_COMMIT} bash -c '. scripts/lib/build.sh &
  && mkdir /out \
  && cp target/release/overlayd target/release/overlay /out/
 
-FROM scratch AS prebuilt
-COPY bin/overlayd bin/overlay /out/
-
-FROM ${BINARIES} AS binaries
-
-FROM ${BASE_IMAGE} AS runtime
+FROM ${BASE_IMAGE} AS runtime-base
 # iptables: both backends' tools (iptables-legacy-*, iptables-nft-*); overlayd picks the one the
 # node's rules use. nftables: aws-node's leftover table. kmod: modprobe in the init container.
 # containernetworking-plugins: only portmap and loopback are kept (the conflist chains portmap;
@@ -41,7 +39,6 @@ RUN apt-get update \
  && apt-get autoremove -y \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
            /usr/share/doc /usr/share/man /usr/share/info
-COPY --from=binaries /out/overlayd /out/overlay /usr/local/bin/
 ARG VERSION=0.1.0
 ARG OVERLAYD_GIT_COMMIT=unknown
 # scripts/image.sh passes the repository's `git remote get-url origin`.
@@ -53,3 +50,9 @@ LABEL org.opencontainers.image.title="overlayd" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${OVERLAYD_GIT_COMMIT}"
 CMD ["overlayd", "run"]
+
+FROM runtime-base AS runtime-prebuilt
+COPY bin/overlayd bin/overlay /usr/local/bin/
+
+FROM runtime-base AS runtime
+COPY --from=build /out/overlayd /out/overlay /usr/local/bin/

@@ -133,6 +133,7 @@ cold() {
       "$(python3 -c "print(f'{$rss / 1024:.1f}')")" "$(python3 -c "print(f'{$hwm / 1024:.1f}')")" \
       "$(python3 -c "print(f'{$rss / $n:.2f}')")" "$arp" "$fdb"
     if [[ $n == 10000 || $n == 5000 ]]; then
+      [[ -n ${BENCH_KEEP_LOG:-} ]] && cp "$STATE/overlayd.log" "$BENCH_KEEP_LOG.$n"
       say "cold start $n peers: $secs s (target <= 1 s at 10000), RSS $(python3 -c "print(f'{$rss / 1024:.1f}')") MB, peak $(python3 -c "print(f'{$hwm / 1024:.1f}')") MB (target <= 20 MB at 10000)"
     fi
     node_down

@@ -6,7 +6,7 @@
 # With a registry reachable the Dockerfile builds in full (rust image → release binaries →
 # runtime). Without one (this lab, CI) the same Dockerfile builds only its runtime stage: the base
 # image debian:bookworm-slim is made locally with debootstrap (cached under target/image/base) and
-# the binaries are the host's release build (scripts/lib/build.sh), selected with BINARIES=prebuilt.
+# the binaries are the host's release build (scripts/lib/build.sh): --target runtime-prebuilt.
 #
 # podman keeps its images under target/image/podman (never the host's /var/lib/containers).
 # Env: OVERLAYD_IMAGE (default overlayd:<version>), OVERLAYD_IMAGE_MODE=auto|full|prebuilt.
@@ -61,7 +61,7 @@ case $mode in
     ctx=$out_dir/context
     rm -rf "$ctx" && mkdir -p "$ctx/bin"
     cp "${CARGO_TARGET_DIR:-target}/release/overlayd" "${CARGO_TARGET_DIR:-target}/release/overlay" "$ctx/bin/"
-    "${engine[@]}" build "${build_args[@]}" --target runtime --build-arg BINARIES=prebuilt \
+    "${engine[@]}" build "${build_args[@]}" --target runtime-prebuilt \
       -t "$image" -f Dockerfile "$ctx"
     ;;
   *)
@@ -70,6 +70,9 @@ case $mode in
     ;;
 esac
 
+# The previous build's image, now untagged, would pile up in target/image/podman (our own store;
+# a docker daemon's images are the user's and left alone).
+[[ ${engine[0]} == docker ]] || "${engine[@]}" image prune -f >/dev/null 2>&1 || true
 rm -f "$archive"
 "${engine[@]}" save -o "$archive" "$image"
 size=$("${engine[@]}" image inspect --format '{{.Size}}' "$image")

@@ -219,7 +219,13 @@ impl EtcdCluster {
 
     fn peer_rules(&self, i: usize, op: &str) {
         let ns = &self.members[i].ns;
-        for (chain, dir) in [("INPUT", "--dport"), ("OUTPUT", "--dport")] {
+        // Both ports: raft messages also come back over connections this member dialled.
+        for (chain, dir) in [
+            ("INPUT", "--dport"),
+            ("INPUT", "--sport"),
+            ("OUTPUT", "--dport"),
+            ("OUTPUT", "--sport"),
+        ] {
             crate::run(ns.cmd("iptables").args([
                 op,
                 chain,

@@ -27,8 +27,8 @@ struct Node {
 }
 
 /// A node whose overlayd is connected to member 0 only: the others are unreachable from the
-/// node (TCP reset) until it has leased, then reachable again. So "the member overlayd talks to"
-/// is known.
+/// node (TCP reset) until it has leased and its watch runs, then reachable again. So "the member
+/// overlayd talks to" is known.
 fn node_on_member0(cluster: &mut EtcdCluster) -> Node {
     let ns = Netns::new("en");
     cluster.attach(&ns, NODE_IP);
@@ -36,7 +36,7 @@ fn node_on_member0(cluster: &mut EtcdCluster) -> Node {
         .iter()
         .map(|m| m.ip.to_string())
         .collect();
-    let block = |op: &str| {
+    let block = |ns: &Netns, op: &str| {
         for ip in &others {
             overlay_testlab::run(ns.cmd("iptables").args([
                 op,
@@ -52,7 +52,7 @@ fn node_on_member0(cluster: &mut EtcdCluster) -> Node {
             ]));
         }
     };
-    block("-A");
+    block(&ns, "-A");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cmd = ns.cmd(bin("overlayd").to_str().expect("utf8 path"));
     cmd.args([
@@ -70,12 +70,21 @@ fn node_on_member0(cluster: &mut EtcdCluster) -> Node {
     .env("RUST_LOG", "info");
     let mut daemon = Daemon::spawn("overlayd node0", cmd, dir.path().join("node0.log"));
     daemon.wait_log("leased subnet", Duration::from_secs(30));
-    block("-D");
-    Node {
+    let node = Node {
         daemon,
         ns,
         _dir: dir,
-    }
+    };
+    // The watch runs on member 0 (it delivers a lease written there) before the others become
+    // reachable: `leases_seen` is 2 from here on.
+    cluster.put_via(0, &format!("{PREFIX}/subnets/10.244.199.0-24"), &peer(199));
+    wait_for(
+        "the node's watch on member 0",
+        Duration::from_secs(10),
+        || (leases_seen(&node) == Some(2)).then_some(()),
+    );
+    block(&node.ns, "-D");
+    node
 }
 
 fn leases_seen(node: &Node) -> Option<u64> {
@@ -141,27 +150,31 @@ fn killing_the_member_overlayd_talks_to_keeps_the_lease_and_the_updates() {
     cluster.put(&format!("{PREFIX}/config"), CONFIG);
     let mut node = node_on_member0(&mut cluster);
     let (key, lease) = own_key(&cluster, 1);
-    wait_for(
-        "the node to count its lease",
-        Duration::from_secs(5),
-        || (leases_seen(&node) == Some(1)).then_some(()),
-    );
 
     cluster.kill(0);
     let killed = Instant::now();
+    // If member 0 led, the others elect a new leader first; writes wait for it.
+    wait_for(
+        "members 1 and 2 to have a leader",
+        Duration::from_secs(15),
+        || cluster.leader().filter(|l| *l != 0).map(|_| ()),
+    );
     cluster.put_via(1, &format!("{PREFIX}/subnets/10.244.200.0-24"), &peer(200));
+    let written = Instant::now();
     wait_for(
         "the node to see a lease written after the kill",
         Duration::from_secs(5),
-        || (leases_seen(&node) == Some(2)).then_some(()),
+        || (leases_seen(&node) == Some(3)).then_some(()),
     );
     eprintln!(
-        "failover: member 0 killed, a new lease seen through another member {:?} later",
-        killed.elapsed()
+        "failover: member 0 killed; a lease written {:?} after the kill seen by the node {:?} \
+         after the write",
+        written - killed,
+        written.elapsed()
     );
     cluster.put_via(2, &format!("{PREFIX}/subnets/10.244.201.0-24"), &peer(201));
     wait_for("the next update", Duration::from_secs(5), || {
-        (leases_seen(&node) == Some(3)).then_some(())
+        (leases_seen(&node) == Some(4)).then_some(())
     });
     // Two TTLs (6 s) later the same key and lease are there: keep-alives moved on too.
     std::thread::sleep(Duration::from_secs(12));
@@ -187,11 +200,6 @@ fn member_cut_off_from_the_others_is_left_for_one_with_a_leader() {
     cluster.put(&format!("{PREFIX}/config"), CONFIG);
     let mut node = node_on_member0(&mut cluster);
     let (key, lease) = own_key(&cluster, 1);
-    wait_for(
-        "the node to count its lease",
-        Duration::from_secs(5),
-        || (leases_seen(&node) == Some(1)).then_some(()),
-    );
 
     // Member 0 keeps answering clients but loses the others: no leader on its side.
     cluster.isolate(0);
@@ -205,7 +213,7 @@ fn member_cut_off_from_the_others_is_left_for_one_with_a_leader() {
     wait_for(
         "the node to see a lease written on the majority side",
         Duration::from_secs(10),
-        || (leases_seen(&node) == Some(2)).then_some(()),
+        || (leases_seen(&node) == Some(3)).then_some(()),
     );
     eprintln!(
         "partition: member 0 cut off; a lease written on the majority seen {:?} after the cut",

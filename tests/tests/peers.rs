@@ -171,3 +171,44 @@ fn vtep_mac_and_peer_entries_survive_a_node_reboot() {
         "node 1 had to rewrite its entries for node 0:\n{log}"
     );
 }
+
+/// Routes written before metrics were spread (metric 0) are replaced by the metric-spread ones on
+/// the first full pass after an upgrade: one route per peer subnet, never two, never none.
+#[test]
+fn routes_of_an_older_overlayd_are_replaced_on_start() {
+    if !require_root("routes_of_an_older_overlayd_are_replaced_on_start") {
+        return;
+    }
+    let mut lab = Lab::new(overlay_testlab::lab::DEFAULT_CONFIG);
+    lab.add_node(&[]);
+    lab.add_node(&[]);
+    let s1 = lab.subnet(1).to_string();
+    lab.wait_route(0, &s1, true, Duration::from_secs(10));
+    lab.stop_daemon(0, "KILL");
+    let ns = &lab.nodes[0].ns;
+    let gw = s1.split('/').next().expect("subnet address").to_string();
+    ns.ip(&["route", "del", &s1]);
+    ns.ip(&[
+        "route",
+        "add",
+        &s1,
+        "via",
+        &gw,
+        "dev",
+        "overlay.1",
+        "onlink",
+        "proto",
+        "76",
+    ]);
+    let routes = |lab: &Lab| lab.nodes[0].ns.ip_out(&["route", "show", &s1]);
+    assert!(!routes(&lab).contains("metric"), "{}", routes(&lab));
+    lab.start_daemon(0);
+    wait_for(
+        "one route with a spread metric",
+        Duration::from_secs(10),
+        || {
+            let r = routes(&lab);
+            (r.lines().count() == 1 && r.contains("metric")).then_some(())
+        },
+    );
+}

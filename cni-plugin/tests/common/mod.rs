@@ -242,8 +242,8 @@ impl Node {
         links_of(&self.ns)
     }
 
-    /// Waits until the node's links are exactly `want`. DEL deletes the host veth after it has
-    /// answered (the kernel's part takes about 20 ms a link), so right after DEL it may linger.
+    /// Waits until the node's links are exactly `want`. DEL leaves the pair to the removal of the
+    /// pod's netns, which the kernel finishes in the background, so a host veth may linger.
     pub fn wait_links(&self, want: &[&str]) {
         let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
         overlay_testlab::wait_for(

@@ -13,6 +13,7 @@ pub mod sysctl;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
@@ -160,7 +161,7 @@ pub struct Dataplane {
     iptables: Option<iptables::Iptables>,
     /// Peers derived from the lease set at `peers_revision`; recomputed only when the set changes,
     /// so a malformed lease is warned about once, not on every pass.
-    peers: BTreeMap<Ipv4Network, Peer>,
+    peers: Arc<BTreeMap<Ipv4Network, Peer>>,
     peers_revision: i64,
     /// Peers whose programming failed, retried with backoff while the others go on.
     failures: peers::Failures,
@@ -175,7 +176,7 @@ impl Dataplane {
             handle,
             plan,
             iptables: None,
-            peers: BTreeMap::new(),
+            peers: Arc::new(BTreeMap::new()),
             peers_revision: -1,
             failures: peers::Failures::default(),
             indices: None,
@@ -227,7 +228,7 @@ impl Dataplane {
     /// first sync, the periodic drift repair, and after a kernel notification. Returns what changed.
     pub async fn reconcile(&mut self, set: &LeaseSet) -> Result<peers::Changes, DataplaneError> {
         if set.revision != self.peers_revision {
-            self.peers = self.plan.peers(set);
+            self.peers = Arc::new(self.plan.peers(set));
             self.peers_revision = set.revision;
         }
         let dev = self.ensure_devices().await?;
@@ -251,7 +252,7 @@ impl Dataplane {
         }
         let mut changes =
             peer_diff::apply(&self.handle, dev, &self.peers, &new, &mut self.failures).await;
-        self.peers = new;
+        self.peers = Arc::new(new);
         self.peers_revision = set.revision;
         changes.failing = self.failures.len();
         Ok(changes)
@@ -356,7 +357,7 @@ impl Dataplane {
     }
 
     /// The peers the last pass programmed (or tried to).
-    pub fn peers(&self) -> &BTreeMap<Ipv4Network, Peer> {
+    pub fn peers(&self) -> &Arc<BTreeMap<Ipv4Network, Peer>> {
         &self.peers
     }
 

@@ -87,6 +87,7 @@ async fn remove(handle: &Handle, dev: Devices, r: &Removal) -> Result<usize, Dat
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(p.subnet.network(), p.subnet.prefix())
             .protocol(ROUTE_PROTOCOL)
+            .priority(peers::route_metric(&p.subnet))
             .build();
         match handle.route().del(msg).execute().await {
             Ok(()) => n += 1,

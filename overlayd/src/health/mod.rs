@@ -14,9 +14,9 @@ pub mod readiness;
 pub mod report;
 pub mod server;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
@@ -73,7 +73,12 @@ struct Known {
     lease: Option<LeaseReport>,
     etcd: Option<EtcdState>,
     devices: Option<(DevicesReport, rtnetlink::Handle)>,
-    peers: Vec<PeerReport>,
+    /// The peers the last pass asked for, and the leases they came from: shared with the data
+    /// plane (no copy per watch event); reports are made from them when someone asks.
+    peers: Arc<BTreeMap<Ipv4Network, Peer>>,
+    leases: Arc<LeaseSet>,
+    /// Peers not yet programmed because the last pass failed before reaching them.
+    pending: BTreeSet<Ipv4Network>,
     /// The last data plane pass: its lease revision, and its error if it failed.
     last_pass: Option<(i64, Option<String>)>,
     last_ok_revision: i64,
@@ -304,8 +309,8 @@ impl Health {
     /// at a revision that was already fully programmed are repairs (someone removed our entries).
     pub fn record_pass<'a>(
         &self,
-        set: &LeaseSet,
-        peers: &BTreeMap<Ipv4Network, Peer>,
+        set: &Arc<LeaseSet>,
+        peers: &Arc<BTreeMap<Ipv4Network, Peer>>,
         failing: impl Iterator<Item = (&'a str, &'a str)>,
         result: Result<Changes, &dyn std::fmt::Display>,
     ) {
@@ -314,7 +319,6 @@ impl Health {
             .collect();
         self.probe_targets(set.revision, peers);
         let mut k = self.known();
-        k.failing = failing.clone();
         match result {
             Ok(c) => {
                 self.count_changes(c.added, c.removed);
@@ -339,39 +343,28 @@ impl Health {
                 }
                 k.last_ok_revision = set.revision;
                 k.last_pass = Some((set.revision, None));
-                k.peers = peers
-                    .values()
-                    .map(|p| {
-                        let key = format!("peer {}", p.subnet);
-                        match failing.iter().find(|(what, _)| *what == key) {
-                            Some((_, e)) => peer_report(p, set, &format!("failing: {e}")),
-                            None => peer_report(p, set, "programmed"),
-                        }
-                    })
-                    .collect();
+                k.pending.clear();
             }
             Err(e) => {
                 self.metrics.errors.inc();
                 k.last_pass = Some((set.revision, Some(e.to_string())));
-                let programmed: Vec<String> = k
-                    .peers
-                    .iter()
-                    .filter(|p| p.state == "programmed")
-                    .map(|p| p.subnet.clone())
+                // What was programmed before stays so; the rest waits for the next pass.
+                let was_programmed = |s: &Ipv4Network| {
+                    k.peers.contains_key(s)
+                        && !k.pending.contains(s)
+                        && !k.failing.iter().any(|(w, _)| *w == format!("peer {s}"))
+                };
+                let pending = peers
+                    .keys()
+                    .filter(|s| !was_programmed(s))
+                    .copied()
                     .collect();
-                k.peers = peers
-                    .values()
-                    .map(|p| {
-                        let state = if programmed.contains(&p.subnet.to_string()) {
-                            "programmed"
-                        } else {
-                            "pending"
-                        };
-                        peer_report(p, set, state)
-                    })
-                    .collect();
+                k.pending = pending;
             }
         }
+        k.failing = failing;
+        k.peers = peers.clone();
+        k.leases = set.clone();
     }
 
     /// One iptables check. `Ok(true)` after an earlier success means our rules had gone and were
@@ -546,10 +539,11 @@ impl Health {
     pub(crate) fn peer_name(&self, t: &crate::dataplane::probe::Target) -> String {
         let k = self.known();
         let name = k
-            .peers
-            .iter()
-            .find(|p| p.subnet == t.subnet.to_string())
-            .and_then(|p| p.node_name.clone());
+            .leases
+            .leases
+            .get(&t.subnet)
+            .and_then(|l| l.value.as_ref())
+            .and_then(|v| v.node_name.clone());
         match name {
             Some(n) => format!("{} ({n}, {})", t.subnet, t.public_ip),
             None => format!("{} ({})", t.subnet, t.public_ip),
@@ -560,7 +554,7 @@ impl Health {
     pub fn peers_with_probes(&self) -> Vec<PeerReport> {
         let (mut peers, causes) = {
             let k = self.known();
-            (k.peers.clone(), k.probe_causes.clone())
+            (k.peer_reports(), k.probe_causes.clone())
         };
         self.with_probes(&mut peers, &causes);
         peers
@@ -617,6 +611,29 @@ fn push_repair(k: &mut Known, what: String) {
         k.recent_repairs.pop_front();
     }
     k.recent_repairs.push_back((Instant::now(), what));
+}
+
+impl Known {
+    /// Every peer of the last pass with its state: programmed, pending, or failing and why.
+    fn peer_reports(&self) -> Vec<PeerReport> {
+        let failing: BTreeMap<&str, &str> = self
+            .failing
+            .iter()
+            .filter_map(|(what, e)| Some((what.strip_prefix("peer ")?, e.as_str())))
+            .collect();
+        self.peers
+            .values()
+            .map(|p| {
+                let subnet = p.subnet.to_string();
+                let state = match failing.get(subnet.as_str()) {
+                    Some(e) => format!("failing: {e}"),
+                    None if self.pending.contains(&p.subnet) => "pending".to_string(),
+                    None => "programmed".to_string(),
+                };
+                peer_report(p, &self.leases, &state)
+            })
+            .collect()
+    }
 }
 
 fn peer_report(p: &Peer, set: &LeaseSet, state: &str) -> PeerReport {

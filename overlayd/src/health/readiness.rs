@@ -75,16 +75,17 @@ pub async fn checks(h: &Health, peer_reports: &[PeerReport]) -> Vec<Check> {
             Some(Ok(())) => Ok("our chains are in place".to_string()),
             Some(Err(e)) => Err(format!("{e}; checked again every few seconds")),
         };
-        let programmed = k.peers.iter().filter(|p| p.state == "programmed").count();
+        let reports = k.peer_reports();
+        let programmed = reports.iter().filter(|p| p.state == "programmed").count();
         let peers = match &k.last_pass {
             None => Err("the peers are not programmed yet".to_string()),
             Some((_, Some(e))) => Err(format!(
                 "{programmed} of {} peers programmed; the last pass failed: {e}",
-                k.peers.len()
+                reports.len()
             )),
             Some((_, None)) if !k.failing.is_empty() => Err(format!(
                 "{programmed} of {} peers programmed; {} (retried with backoff)",
-                k.peers.len(),
+                reports.len(),
                 k.failing
                     .iter()
                     .map(|(what, e)| format!("{what}: {e}"))
@@ -93,7 +94,7 @@ pub async fn checks(h: &Health, peer_reports: &[PeerReport]) -> Vec<Check> {
             )),
             Some((_, None)) => Ok(format!(
                 "all {} peers programmed{}",
-                k.peers.len(),
+                reports.len(),
                 unreachable_note(peer_reports)
             )),
         };
