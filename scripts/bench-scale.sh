@@ -2,7 +2,7 @@
 # Scale: one real overlayd in a lab node namespace against a real etcd holding N simulated peer
 # leases (scripts/lib/scale_peers.py), measured against the targets of issue 13.
 #
-#   scripts/bench-scale.sh [cold [N ...]] [churn] [idle [SECONDS]] [etcd [SECONDS]]
+#   scripts/bench-scale.sh [cold [N ...]] [churn] [idle [SECONDS]] [etcd [SECONDS]] [probe [N [SECONDS]]]
 #       default: cold 1000 5000 10000 20000, churn, idle 300, etcd 60
 #
 # cold   time from the daemon's "leased subnet" log line until every peer's route (written after its
@@ -13,13 +13,17 @@
 # idle   10 000 peers, neighbour churn on the underlay, 50 pod veths made and removed per minute,
 #        20 000 nat rules: the daemon's CPU over SECONDS; target <= 0.5% of one core
 # etcd   requests etcd served for this one node per minute at steady state (etcd's /metrics)
+# probe  peer probes at N peers (default 5 000): probes per second the daemon sends and its CPU,
+#        with probing off and on over SECONDS (default 60). No simulated peer answers, so this is
+#        the worst case (every peer unreachable, probed every interval / 3); healthy peers cost a
+#        third of it (N / 30 s)
 #
 # Everything lives in namespaces named obsc-*, removed on exit; peers' PublicIPs are in RFC 2544's
 # benchmarking range 198.18.0.0/15 and the node has no route out of the lab. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-P=obsc
+P=${OVERLAY_BENCH_NS_PREFIX:-obsc}  # another prefix lets two benches run side by side
 STATE=$(mktemp -d /tmp/obsc.XXXXXX)
 PREFIX=/coreos.com/network
 ETCD_IP=192.0.2.254
@@ -283,6 +287,30 @@ PY
   node_down
 }
 
+probe_cost() {
+  local n=${1:-5000} secs=${2:-60} mode s0 s1 c0 c1 t0 t1 hz down
+  hz=$(getconf CLK_TCK)
+  echo "==> peer probes: $n simulated peers (none answers), $secs s each with probing off and on"
+  ctl del --prefix $PREFIX/subnets/ >/dev/null
+  peers put "$n"
+  metric() { ip netns exec $P-n curl -s --max-time 5 http://127.0.0.1:9472/metrics | awk -v m="$1" '$1 == m {print $2}'; }
+  for mode in false true; do
+    node_up --metrics-addr 127.0.0.1:9472 --peer-probe "$mode"
+    wait_until 120 grep -q "leased subnet" "$STATE/overlayd.log"
+    wait_until 300 routes_at_least "$n"
+    # First probes are spread over one interval (30 s), then 3 misses 2 s apart: all judged by ~40 s.
+    sleep 45
+    s0=$(metric overlayd_probes_sent_total); c0=$(cpu_ticks); t0=$(date +%s.%N)
+    sleep "$secs"
+    s1=$(metric overlayd_probes_sent_total); c1=$(cpu_ticks); t1=$(date +%s.%N)
+    down=$(metric overlayd_peers_unreachable)
+    say "probe=$mode, $n peers, $secs s: $(python3 -c "print(f'{(${s1:-0} - ${s0:-0}) / ($t1 - $t0):.0f}')") probes/s sent, ${down:-0} peers unreachable, overlayd CPU $(python3 -c "print(f'{($c1 - $c0) / $hz / ($t1 - $t0) * 100:.2f}')")% of one core, RSS $(python3 -c "print(f'{$(rss_kb) / 1024:.1f}')") MB"
+    node_down
+    # The namespace goes asynchronously, and its veth peer on the underlay with it.
+    wait_until 10 bash -c "! ip -n $P-ul link show $P-v >/dev/null 2>&1" || true
+  done
+}
+
 modes=("$@")
 [[ ${#modes[@]} -gt 0 ]] || modes=(cold 1000 5000 10000 20000 churn idle 300 etcd 60)
 i=0
@@ -295,7 +323,8 @@ while ((i < ${#modes[@]})); do
     churn) churn ;;
     idle) idle "${args[@]}" ;;
     etcd) etcd_requests "${args[@]}" ;;
-    *) echo "unknown mode $m (cold, churn, idle, etcd)" >&2; exit 2 ;;
+    probe) probe_cost "${args[@]}" ;;
+    *) echo "unknown mode $m (cold, churn, idle, etcd, probe)" >&2; exit 2 ;;
   esac
 done
 echo
