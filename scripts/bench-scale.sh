@@ -82,7 +82,7 @@ node_up() {
   ip -n $P-n route add default via $ETCD_IP
   : >"$STATE/overlayd.log"
   ip netns exec $P-n setsid "$BIN/overlayd" run --etcd-endpoints "$ENDPOINT" --node-name bench \
-    --subnet-file "$STATE/subnet.env" --cni-data-dir "$STATE/ipam" "$@" \
+    --subnet-file "$STATE/subnet.env" --cni-data-dir "$STATE/ipam" ${BENCH_DAEMON_ARGS:-} "$@" \
     >"$STATE/overlayd.log" 2>&1 </dev/null &
   DAEMON_PID=$!
 }

@@ -22,7 +22,8 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --all-targets --locked -- "$@" 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --all-targets --locked --no-fail-fast -- "$@" 2>&1 | tee "$log" || status=$?
 # The plugin as shipped (release, static) must link on a fresh machine and start.
 echo "==> the overlay CNI plugin as shipped (release, static)"
 . scripts/lib/build.sh
