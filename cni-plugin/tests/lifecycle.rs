@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use overlay_testlab::{require_root, Netns};
 use serde_json::{json, Value};
@@ -82,10 +80,11 @@ fn add_check_del_and_del_is_idempotent() {
     let result = node.add("acd", &pod);
     let ip = result_ip(&result);
     assert_eq!(node.store_ips(), vec![ip.clone()]);
-    // After answering, ADD leaves empty spare files for the next ADDs to rename.
-    overlay_testlab::wait_for("ADD's spare files", Duration::from_secs(5), || {
-        (node.store_spares() == 4).then_some(())
-    });
+    // ADD's helper makes up to four empty spare files for the next ADDs to rename; ADD reaps it
+    // when it is done, so on a loaded machine it may have made fewer (the next ADD makes the
+    // rest). Never more than four, never left running.
+    let spares = node.store_spares();
+    assert!(spares <= 4, "{spares} spare files");
     assert_eq!(node.store_owner(&ip), Some(("acd".into(), "eth0".into())));
     let host_veth = node
         .links()
