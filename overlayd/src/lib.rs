@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod health;
 pub mod ipam_reclaim;
 pub mod iptables_tools;
+pub mod lease_guard;
 pub mod logging;
 pub mod netlink;
 pub mod node;

@@ -153,7 +153,7 @@ pub async fn follow_from(
                 s
             }
             Err(e) => {
-                let wait = backoff.next_delay();
+                let wait = spread(backoff.next_delay());
                 warn!(
                     "cannot list subnet leases: {e}; retrying in {wait:?} (data plane unchanged)"
                 );
@@ -194,14 +194,14 @@ pub async fn follow_from(
                     info!("etcd refused the lease watch for this node's login; logging in again");
                     if let Err(e) = reg.relogin().await {
                         warn!("cannot log in to etcd again: {e}");
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        tokio::time::sleep(spread(backoff.next_delay())).await;
                     }
                 }
                 WatchEnd::Lost | WatchEnd::Canceled { .. } => {
                     if tx.is_closed() {
                         return;
                     }
-                    let wait = backoff.next_delay();
+                    let wait = spread(backoff.next_delay());
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -334,6 +334,12 @@ async fn watch_from(
             return WatchEnd::Lost;
         }
     }
+}
+
+/// Between half and all of `d`, at random: when etcd comes back after an outage, the nodes that
+/// waited for it list their leases spread over a few seconds rather than all at once.
+fn spread(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.5..=1.0))
 }
 
 /// Whether etcd cancelled a watch because of the login (etcd 3.4 and 3.5 say "permission denied" for
