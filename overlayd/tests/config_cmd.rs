@@ -34,6 +34,18 @@ fn config(etcd: &Etcd, args: &[&str]) -> Output {
     overlayd(&all)
 }
 
+/// Puts a subnet key bound to a fresh 10-minute etcd lease, as a node would; returns the lease id.
+fn put_leased(etcd: &Etcd, key: &str, value: &str) -> String {
+    let lease = etcd.ctl(&["lease", "grant", "600"]);
+    let id = lease
+        .split_whitespace()
+        .nth(1)
+        .expect("lease id")
+        .to_string();
+    etcd.ctl(&["put", "--lease", &id, key, value]);
+    id
+}
+
 /// The mod revision of `key`, or None when it does not exist.
 fn mod_revision(etcd: &Etcd, key: &str) -> Option<i64> {
     let out = etcd.ctl(&["get", key, "-w", "json"]);
@@ -144,19 +156,11 @@ fn put_writes_once_and_show_counts_the_leases() {
     assert_eq!(mod_revision(&etcd, KEY), rev);
 
     // One node with an etcd lease, one reservation.
-    let lease = etcd.ctl(&["lease", "grant", "600"]);
-    let id = lease
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_string();
-    etcd.ctl(&[
-        "put",
-        "--lease",
-        &id,
+    put_leased(
+        &etcd,
         "/coreos.com/network/subnets/10.244.7.0-24",
         r#"{"PublicIP":"192.0.2.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}"#,
-    ]);
+    );
     etcd.put(
         "/coreos.com/network/subnets/10.244.9.0-24",
         r#"{"PublicIP":"192.0.2.12"}"#,
@@ -200,19 +204,11 @@ fn put_of_an_invalid_config_writes_nothing() {
 fn put_over_a_different_config_needs_force_and_never_strands_leases() {
     let etcd = Etcd::start();
     etcd.put(KEY, CONFIG);
-    let lease = etcd.ctl(&["lease", "grant", "600"]);
-    let id = lease
-        .split_whitespace()
-        .nth(1)
-        .expect("lease id")
-        .to_string();
-    etcd.ctl(&[
-        "put",
-        "--lease",
-        &id,
+    let id = put_leased(
+        &etcd,
         "/coreos.com/network/subnets/10.244.7.0-24",
         r#"{"PublicIP":"192.0.2.11","BackendType":"vxlan","NodeName":"node-a"}"#,
-    ]);
+    );
     let rev = mod_revision(&etcd, KEY);
     let other = r#"{"Network":"10.50.0.0/16","SubnetLen":24}"#;
 
