@@ -199,14 +199,14 @@ pub async fn reconcile(
 
     // ARP: <subnet>.0 → MAC on the VTEP.
     let want_arp: BTreeMap<Ipv4Addr, Mac> = tunneled.iter().map(|p| (p.vtep_ip(), p.mac)).collect();
-    let have_arp = dump_neighbours(handle, dev.vtep, AddressFamily::Inet).await?;
     let mut arp_ok = BTreeSet::new();
-    for (msg, ip, lladdr) in have_arp {
-        let Some(ip) = ip else { continue };
+    // Each dump is looked at as it arrives: only stale entries keep their message (10 000 peers'
+    // messages held at once would be megabytes for a moment, and the allocator keeps the peak).
+    each_neighbour(handle, dev.vtep, AddressFamily::Inet, |msg, ip, lladdr| {
+        let Some(ip) = ip else { return };
         match want_arp.get(&ip) {
             Some(mac)
-                if lladdr.as_deref() == Some(&mac.0[..])
-                    && msg.header.state == NeighbourState::Permanent =>
+                if lladdr == Some(&mac.0[..]) && msg.header.state == NeighbourState::Permanent =>
             {
                 arp_ok.insert(ip);
             }
@@ -216,29 +216,31 @@ pub async fn reconcile(
             }
             None => {}
         }
-    }
+    })
+    .await?;
 
     // FDB: MAC → PublicIP on the VTEP (NTF_SELF: the VXLAN driver's own table).
     let want_fdb: BTreeMap<Mac, Ipv4Addr> = tunneled.iter().map(|p| (p.mac, p.public_ip)).collect();
-    let have_fdb = dump_neighbours(handle, dev.vtep, AddressFamily::Bridge).await?;
     let mut fdb_ok = BTreeSet::new();
-    for (msg, dst, lladdr) in have_fdb {
-        let Some(mac) = lladdr
-            .as_deref()
-            .and_then(|m| <[u8; 6]>::try_from(m).ok())
-            .map(Mac)
-        else {
-            continue;
-        };
-        // Entries without a remote are the kernel's own (e.g. the device's address); leave them.
-        let Some(dst) = dst else { continue };
-        match want_fdb.get(&mac) {
-            Some(ip) if *ip == dst => {
-                fdb_ok.insert(mac);
+    each_neighbour(
+        handle,
+        dev.vtep,
+        AddressFamily::Bridge,
+        |msg, dst, lladdr| {
+            let Some(mac) = lladdr.and_then(|m| <[u8; 6]>::try_from(m).ok()).map(Mac) else {
+                return;
+            };
+            // Entries without a remote are the kernel's own (e.g. the device's address); leave them.
+            let Some(dst) = dst else { return };
+            match want_fdb.get(&mac) {
+                Some(ip) if *ip == dst => {
+                    fdb_ok.insert(mac);
+                }
+                _ => stale_neighbours.push((msg, format!("FDB entry {mac} → {dst}"))),
             }
-            _ => stale_neighbours.push((msg, format!("FDB entry {mac} → {dst}"))),
-        }
-    }
+        },
+    )
+    .await?;
 
     // Routes: ours carry ROUTE_PROTOCOL.
     let want_routes: BTreeMap<Ipv4Network, KernelRoute> = peers
@@ -264,7 +266,7 @@ pub async fn reconcile(
         .collect();
     let mut routes_ok = BTreeSet::new();
     let mut stale_routes = Vec::new();
-    for (r, dst, have) in our_routes(handle).await? {
+    each_our_route(handle, |r, dst, have| {
         match dst.and_then(|d| want_routes.get(&d).map(|w| (d, w))) {
             Some((d, want)) if *want == have => {
                 routes_ok.insert(d);
@@ -277,7 +279,8 @@ pub async fn reconcile(
             Some(_) => {}
             None => stale_routes.push(r),
         }
-    }
+    })
+    .await?;
     // Stale entries: neighbours first, then routes, each kind with many requests in flight.
     let mut removals = Vec::new();
     for (msg, what) in stale_neighbours {
@@ -506,11 +509,20 @@ async fn program(
 pub async fn our_routes(
     handle: &Handle,
 ) -> Result<Vec<(RouteMessage, Option<Ipv4Network>, KernelRoute)>, DataplaneError> {
+    let mut out = Vec::new();
+    each_our_route(handle, |r, dst, have| out.push((r, dst, have))).await?;
+    Ok(out)
+}
+
+/// Calls `f` for each route overlayd owns, as the dump arrives.
+async fn each_our_route(
+    handle: &Handle,
+    mut f: impl FnMut(RouteMessage, Option<Ipv4Network>, KernelRoute),
+) -> Result<(), DataplaneError> {
     let mut dump = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
-    let mut out = Vec::new();
     while let Some(r) = dump
         .try_next()
         .await
@@ -518,10 +530,10 @@ pub async fn our_routes(
     {
         if r.header.protocol == ROUTE_PROTOCOL {
             let (dst, have) = describe_route(&r);
-            out.push((r, dst, have));
+            f(r, dst, have);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn describe_route(r: &RouteMessage) -> (Option<Ipv4Network>, KernelRoute) {
@@ -552,19 +564,19 @@ fn describe_route(r: &RouteMessage) -> (Option<Ipv4Network>, KernelRoute) {
     )
 }
 
-type Neighbour = (NeighbourMessage, Option<Ipv4Addr>, Option<Vec<u8>>);
-
-async fn dump_neighbours(
+/// Calls `f` for each neighbour of `family` on link `index` (its address and link-layer
+/// address), as the dump arrives.
+async fn each_neighbour(
     handle: &Handle,
     index: u32,
     family: AddressFamily,
-) -> Result<Vec<Neighbour>, DataplaneError> {
+    mut f: impl FnMut(NeighbourMessage, Option<Ipv4Addr>, Option<&[u8]>),
+) -> Result<(), DataplaneError> {
     let mut stream = handle
         .neighbours()
         .get()
         .set_address_family(family)
         .execute();
-    let mut out = Vec::new();
     while let Some(msg) = stream
         .try_next()
         .await
@@ -586,9 +598,9 @@ async fn dump_neighbours(
                 _ => {}
             }
         }
-        out.push((msg, ip, lladdr));
+        f(msg, ip, lladdr.as_deref());
     }
-    Ok(out)
+    Ok(())
 }
 
 async fn delete_neighbour(
