@@ -16,8 +16,11 @@ use super::Health;
 use crate::dataplane::probe::{self, ProbeConfig, ProbeMetrics, Target, Transition};
 use crate::registry::{keepalive, Registry};
 
-/// While a peer stays unreachable, its cause is looked at again this often.
+/// While a peer stays unreachable, its cause is looked at again after this, then twice as long
+/// each time up to [`RECHECK_CAP`]: a peer down for hours must not cost etcd two reads every few
+/// seconds from every node (the stale-lease cause only grows more certain with time).
 const RECHECK: Duration = Duration::from_secs(15);
+const RECHECK_CAP: Duration = Duration::from_secs(300);
 /// Causes looked up in etcd per second at most.
 const EXPLAIN_PER_SECOND: usize = 10;
 /// Slack on top of a renewal period before a lease counts as stale.
@@ -102,6 +105,7 @@ async fn follow(
         /// Logged as unreachable (with its cause) yet.
         told: bool,
         next_check: Instant,
+        recheck: Duration,
     }
     let mut down: BTreeMap<Ipv4Network, Down> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -121,7 +125,7 @@ async fn follow(
                         debug!(subnet = %t.target.subnet, "peer {who} answers through the overlay (rtt {rtt})");
                     }
                 } else {
-                    down.insert(t.target.subnet, Down { target: t.target, told: false, next_check: Instant::now() });
+                    down.insert(t.target.subnet, Down { target: t.target, told: false, next_check: Instant::now(), recheck: RECHECK });
                 }
             }
             _ = tick.tick() => {
@@ -144,7 +148,8 @@ async fn follow(
                         warn!(subnet = %subnet, public_ip = %target.public_ip, "peer {who} still unreachable through the overlay: {cause}");
                     }
                     d.told = true;
-                    d.next_check = Instant::now() + RECHECK;
+                    d.next_check = Instant::now() + d.recheck;
+                    d.recheck = (d.recheck * 2).min(RECHECK_CAP);
                 }
             }
         }
