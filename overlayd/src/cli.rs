@@ -249,7 +249,7 @@ pub struct DoctorArgs {
     #[arg(long, env = "OVERLAYD_BRIDGE", default_value = "cni0")]
     pub bridge: String,
     /// Where to look for a running aws-node (`aws-k8s-agent`): the host's /proc.
-    #[arg(long, default_value = "/proc")]
+    #[arg(long, env = "OVERLAYD_PROC_DIR", default_value = "/proc")]
     pub proc_dir: PathBuf,
     /// aws-node's state directory, for its leftovers.
     #[arg(long, default_value = "/var/run/aws-node")]
