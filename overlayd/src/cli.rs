@@ -140,6 +140,11 @@ pub struct EtcdArgs {
         hide_env_values = true
     )]
     pub etcd_password: Option<String>,
+    /// How long the lease watch may stay silent before etcd is asked for its progress; with no
+    /// answer 5 s later the watch is given up and every lease is listed again (a member cut off
+    /// from the others can keep a stream open that never sends anything).
+    #[arg(long, env = "OVERLAYD_ETCD_WATCH_SILENCE", default_value = "10s", value_parser = parse_duration)]
+    pub etcd_watch_silence: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

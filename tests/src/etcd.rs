@@ -326,6 +326,16 @@ impl Etcd {
         self.daemon.signal("KILL");
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open and nothing is answered, as with a
+    /// member that hangs. [`Etcd::thaw`] lets it go on.
+    pub fn freeze(&self) {
+        crate::run(Command::new("kill").args(["-STOP", &self.daemon.pid().to_string()]));
+    }
+
+    pub fn thaw(&self) {
+        crate::run(Command::new("kill").args(["-CONT", &self.daemon.pid().to_string()]));
+    }
+
     /// Starts the server again on the same endpoint and data.
     pub fn restart(&mut self) {
         self.daemon = spawn(&self.netns, &self.args, &self.dir);

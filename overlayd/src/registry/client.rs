@@ -77,6 +77,8 @@ pub struct Registry {
     errors: ErrorContext,
     /// Immediate retries of a call that found no connection: twice per other endpoint.
     retries: usize,
+    /// `--etcd-watch-silence`.
+    watch_silence: Duration,
 }
 
 /// What an etcd failure is told with: one mapping for connecting and for every call.
@@ -144,7 +146,13 @@ impl Registry {
             keys,
             errors,
             retries: 2 * args.etcd_endpoints.len().saturating_sub(1),
+            watch_silence: args.etcd_watch_silence,
         })
+    }
+
+    /// How long a watch may be silent before etcd is asked for its progress.
+    pub fn watch_silence(&self) -> Duration {
+        self.watch_silence
     }
 
     pub fn endpoints(&self) -> &str {

@@ -105,10 +105,9 @@ fn relative_key(reg: &Registry, key: &[u8]) -> String {
 /// this long of etcd's return.
 pub const WATCH_RETRY_CAP: Duration = Duration::from_secs(4);
 
-/// A watch quiet for this long is asked for its progress...
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-/// ...and given up (listed again) when nothing comes within this long of asking: a member cut
-/// off from the others can keep a stream open that never sends anything again.
+/// A watch quiet for `--etcd-watch-silence` is asked for its progress, and given up (listed
+/// again) when nothing comes within this long of asking: a member cut off from the others can keep
+/// a stream open that never sends anything again.
 pub const PROGRESS_DEADLINE: Duration = Duration::from_secs(5);
 
 enum WatchEnd {
@@ -238,13 +237,13 @@ async fn watch_from(
         let wait = if asked_progress {
             PROGRESS_DEADLINE
         } else {
-            PROGRESS_EVERY
+            reg.watch_silence()
         };
         let next = match tokio::time::timeout(wait, stream.message()).await {
             Ok(next) => next,
             Err(_) if asked_progress => {
                 warn!(
-                    "the lease watch on {} sent nothing, not even the progress asked for {}s                      ago; listing every lease again",
+                    "the lease watch on {} sent nothing, not even the progress asked for {}s ago; listing every lease again",
                     reg.endpoints(),
                     PROGRESS_DEADLINE.as_secs()
                 );

@@ -80,6 +80,7 @@ pub fn etcd_args(endpoint: &str) -> EtcdArgs {
         etcd_keyfile: None,
         etcd_username: None,
         etcd_password: None,
+        etcd_watch_silence: Duration::from_secs(10),
     }
 }
 
