@@ -48,13 +48,6 @@ fn user_args(endpoint: &str) -> overlayd::cli::EtcdArgs {
     args
 }
 
-fn leases_gauge(addr: &str) -> Option<i64> {
-    let (_, body) = http_get(addr, "/metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("overlayd_subnet_leases "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[test]
 fn daemon_keeps_following_leases_after_an_admin_adds_a_user_and_grants_a_role() {
     let (mut etcd, dir) = seeded_jwt();

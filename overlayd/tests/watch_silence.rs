@@ -11,13 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use overlay_testlab::{free_port, wait_for};
 
-fn leases_gauge(addr: &str) -> Option<i64> {
-    let (_, body) = http_get(addr, "/metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("overlayd_subnet_leases "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[test]
 fn a_silent_watch_is_caught_by_its_progress_deadline_and_listed_again() {
     let (etcd, dir) = seeded();

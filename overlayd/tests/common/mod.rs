@@ -203,3 +203,11 @@ pub const PEER: &str = r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","Backend
 pub fn key(s: &str) -> String {
     format!("{PREFIX}/subnets/{s}")
 }
+
+/// `overlayd_subnet_leases` from the daemon's /metrics at `addr`: how many leases it sees.
+pub fn leases_gauge(addr: &str) -> Option<i64> {
+    let (_, body) = http_get(addr, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("overlayd_subnet_leases "))
+        .and_then(|v| v.trim().parse().ok())
+}
