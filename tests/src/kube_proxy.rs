@@ -389,106 +389,38 @@ pub fn install_node_local_dns(ns: &Netns, local_ip: Ipv4Addr) {
     let ip = local_ip.to_string();
     let skip = "NodeLocal DNS Cache: skip conntrack";
     let allow = "NodeLocal DNS Cache: allow DNS traffic";
+    // (table, chain, address match, port match, target), each for tcp and udp, in cache_app.go's
+    // order.
+    let shapes = [
+        ("raw", "PREROUTING", "-d", "--dport", "NOTRACK"),
+        ("filter", "INPUT", "-d", "--dport", "ACCEPT"),
+        ("raw", "OUTPUT", "-s", "--sport", "NOTRACK"),
+        ("filter", "OUTPUT", "-s", "--sport", "ACCEPT"),
+        ("raw", "OUTPUT", "-d", "--dport", "NOTRACK"),
+    ];
     let mut rules: Vec<(&str, &str, Vec<&str>)> = Vec::new();
-    for p in ["tcp", "udp"] {
-        rules.push((
-            "raw",
-            "PREROUTING",
-            vec![
-                "-p",
-                p,
-                "-d",
-                &ip,
-                "--dport",
-                "53",
-                "-j",
-                "NOTRACK",
-                "-m",
-                "comment",
-                "--comment",
-                skip,
-            ],
-        ));
-    }
-    for p in ["tcp", "udp"] {
-        rules.push((
-            "filter",
-            "INPUT",
-            vec![
-                "-p",
-                p,
-                "-d",
-                &ip,
-                "--dport",
-                "53",
-                "-j",
-                "ACCEPT",
-                "-m",
-                "comment",
-                "--comment",
-                allow,
-            ],
-        ));
-    }
-    for p in ["tcp", "udp"] {
-        rules.push((
-            "raw",
-            "OUTPUT",
-            vec![
-                "-p",
-                p,
-                "-s",
-                &ip,
-                "--sport",
-                "53",
-                "-j",
-                "NOTRACK",
-                "-m",
-                "comment",
-                "--comment",
-                skip,
-            ],
-        ));
-    }
-    for p in ["tcp", "udp"] {
-        rules.push((
-            "filter",
-            "OUTPUT",
-            vec![
-                "-p",
-                p,
-                "-s",
-                &ip,
-                "--sport",
-                "53",
-                "-j",
-                "ACCEPT",
-                "-m",
-                "comment",
-                "--comment",
-                allow,
-            ],
-        ));
-    }
-    for p in ["tcp", "udp"] {
-        rules.push((
-            "raw",
-            "OUTPUT",
-            vec![
-                "-p",
-                p,
-                "-d",
-                &ip,
-                "--dport",
-                "53",
-                "-j",
-                "NOTRACK",
-                "-m",
-                "comment",
-                "--comment",
-                skip,
-            ],
-        ));
+    for (table, chain, addr, port, target) in shapes {
+        let comment = if target == "NOTRACK" { skip } else { allow };
+        for p in ["tcp", "udp"] {
+            rules.push((
+                table,
+                chain,
+                vec![
+                    "-p",
+                    p,
+                    addr,
+                    &ip,
+                    port,
+                    "53",
+                    "-j",
+                    target,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    comment,
+                ],
+            ));
+        }
     }
     for (table, chain, args) in rules {
         let exists = ns
