@@ -232,8 +232,7 @@ impl Dataplane {
             self.peers_revision = set.revision;
         }
         let dev = self.ensure_devices().await?;
-        let peers: Vec<Peer> = self.peers.values().cloned().collect();
-        peers::reconcile(&self.handle, dev, &peers, &mut self.failures).await
+        peers::reconcile(&self.handle, dev, &self.peers, &mut self.failures).await
     }
 
     /// Applies a new lease set as a diff against the last one (no dumps): what a watch event

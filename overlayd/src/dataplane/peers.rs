@@ -187,7 +187,7 @@ pub fn route_metric(subnet: &Ipv4Network) -> u32 {
 pub async fn reconcile(
     handle: &Handle,
     dev: Devices,
-    peers: &[Peer],
+    peers: &BTreeMap<Ipv4Network, Peer>,
     failures: &mut Failures,
 ) -> Result<Changes, DataplaneError> {
     let mut changes = Changes::default();
@@ -195,7 +195,7 @@ pub async fn reconcile(
     // Everything tried in this pass; failures of anything else are forgotten at the end.
     let mut tried = BTreeSet::new();
     let mut stale_neighbours = Vec::new();
-    let tunneled: Vec<&Peer> = peers.iter().filter(|p| !p.direct).collect();
+    let tunneled: Vec<&Peer> = peers.values().filter(|p| !p.direct).collect();
 
     // ARP: <subnet>.0 → MAC on the VTEP.
     let want_arp: BTreeMap<Ipv4Addr, Mac> = tunneled.iter().map(|p| (p.vtep_ip(), p.mac)).collect();
@@ -244,7 +244,7 @@ pub async fn reconcile(
 
     // Routes: ours carry ROUTE_PROTOCOL.
     let want_routes: BTreeMap<Ipv4Network, KernelRoute> = peers
-        .iter()
+        .values()
         .map(|p| {
             let r = if p.direct {
                 KernelRoute {
@@ -339,7 +339,7 @@ pub async fn reconcile(
     }
 
     let mut todo = Vec::new();
-    for p in peers {
+    for p in peers.values() {
         let key = peer_key(p);
         if failures.waiting(&key, now) {
             tried.insert(key);
