@@ -205,6 +205,9 @@ impl Lab {
         ])
         .arg("--subnet-file")
         .arg(&node.subnet_file)
+        // The store the lab's plugin calls use (`cni`): what the daemon counts and reclaims.
+        .arg("--cni-data-dir")
+        .arg(&node.ipam_dir)
         .args(&node.extra_args)
         .env("RUST_LOG", "info");
         let log = self

@@ -110,12 +110,9 @@ fn executable(path: &Path) {
 
 fn node() -> Node {
     let mut lab = Lab::new(DEFAULT_CONFIG);
-    let ipam = lab.dir.path().join("node0-ipam");
     lab.add_node(&[
         "--metrics-addr",
         &format!("127.0.0.1:{PORT}"),
-        "--cni-data-dir",
-        ipam.to_str().expect("utf8"),
         "--peer-probe-interval",
         "2s",
     ]);

@@ -15,15 +15,12 @@ const PORT: u16 = 9472;
 /// answered within 4 s.
 fn lab() -> Lab {
     let mut lab = Lab::new(DEFAULT_CONFIG);
-    for i in 0..2 {
-        let ipam = lab.dir.path().join(format!("node{i}-ipam"));
+    for _ in 0..2 {
         let args = [
             "--metrics-addr",
             &format!("127.0.0.1:{PORT}"),
             "--etcd-heard-within",
             "4s",
-            "--cni-data-dir",
-            ipam.to_str().expect("utf8"),
         ];
         lab.add_node(&args);
     }

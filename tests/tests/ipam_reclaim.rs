@@ -43,15 +43,13 @@ fn the_daemon_reclaims_dead_sandboxes_and_reports_them_apart() {
         return;
     }
     let mut lab = Lab::new(DEFAULT_CONFIG);
-    let ipam = lab.dir.path().join("node0-ipam");
     lab.add_node(&[
         "--metrics-addr",
         &format!("127.0.0.1:{PORT}"),
-        "--cni-data-dir",
-        ipam.to_str().expect("utf8"),
         "--ipam-reclaim-interval",
         "1s",
     ]);
+    let ipam = lab.nodes[0].ipam_dir.clone();
     let live = Netns::new("pd");
     let live_ip = add(&lab, &live, "alive");
     let dead_ip = {
