@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::cli::{EtcdArgs, RunArgs};
 use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
+use crate::dataplane::probe::ProbeConfig;
 use crate::dataplane::{monitor, Dataplane, Plan};
 use crate::health::{self, Health};
 use crate::lease_guard::{guard_lease, Task, REFUSED_RECHECK};
@@ -197,7 +198,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
                 reg.clone(),
                 acquired.subnet.network(),
                 cfg.backend.port,
-                args.peer_probe_interval,
+                ProbeConfig::new(args.peer_probe_interval).with_max_rate(args.peer_probe_max_rate),
             );
         }
         let installed = dp.ensure_iptables().await;
@@ -343,9 +344,9 @@ async fn supervise(
                 if set.revision == 0 {
                     continue;
                 }
-                let (usable, ignored) = registry::screen::screen(&set, cfg, subnet);
+                let (usable, ignored) = registry::screen::screen_shared(&set, cfg, subnet);
                 note_ignored(reg, &ignored, &mut ignored_seen, &health);
-                latest = Arc::new(usable);
+                latest = usable;
                 full_pass = false;
                 health.leases.set(set.leases.len() as i64);
             }
@@ -418,6 +419,14 @@ async fn supervise(
                     .map(|c| *c)
                     .map_err(|e| e as &dyn std::fmt::Display),
             );
+            // A full pass and a large diff (the first programming) are the peaks of the heap.
+            if full_pass
+                || pass
+                    .as_ref()
+                    .is_ok_and(|c| c.added + c.removed > TRIM_AFTER)
+            {
+                crate::allocator::trim();
+            }
             match pass {
                 Ok(_) => {
                     if !last_error.is_empty() {
@@ -489,6 +498,8 @@ fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mu
 /// How often our iptables chains are checked: iptables sends no notifications, and each check
 /// spawns the tools, so it is a fixed, slower period than the kernel's events.
 const IPTABLES_CHECK: Duration = Duration::from_secs(5);
+/// Entries written or removed by one diff past which the allocator is trimmed after it.
+const TRIM_AFTER: usize = 1000;
 
 /// The next kernel notification, or never when nothing listens (lease-only, or no socket).
 async fn next_event(

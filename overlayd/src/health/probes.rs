@@ -3,7 +3,7 @@
 //! node or daemon is down) versus a fresh lease and still no reply (the tunnel is blocked between
 //! the nodes, most often a security group without the VXLAN port).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ impl Health {
         reg: Registry,
         local: Ipv4Addr,
         port: u16,
-        interval: Duration,
+        config: ProbeConfig,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let m = self.metrics();
@@ -43,11 +43,12 @@ impl Health {
             answered: m.probes_answered.clone(),
             rtt: m.probe_rtt.clone(),
         };
-        match probe::spawn(local, ProbeConfig::new(interval), metrics, tx) {
+        match probe::spawn(local, config, metrics, tx) {
             Ok(p) => {
                 info!(
                     from = %local,
-                    every = ?interval,
+                    every = ?config.interval,
+                    max_rate = config.max_rate,
                     "probing every peer through the overlay (ICMP echo VTEP to VTEP)"
                 );
                 if let Ok(mut g) = self.prober.lock() {
@@ -108,6 +109,9 @@ async fn follow(
         recheck: Duration,
     }
     let mut down: BTreeMap<Ipv4Network, Down> = BTreeMap::new();
+    // (next check, subnet) of every entry of `down`: the due ones are taken from its front, not
+    // found by a scan of all of them every second (10 000 peers down).
+    let mut queue: BTreeSet<(Instant, Ipv4Network)> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -115,8 +119,17 @@ async fn follow(
             t = rx.recv() => {
                 let Some(t) = t else { return };
                 if t.reachable {
-                    let told = down.remove(&t.target.subnet).is_some_and(|d| d.told);
+                    let gone = down.remove(&t.target.subnet);
+                    if let Some(d) = &gone {
+                        queue.remove(&(d.next_check, t.target.subnet));
+                    }
+                    let told = gone.is_some_and(|d| d.told);
                     health.set_probe_cause(t.target.subnet, None);
+                    // A first answer is only a debug line: with 10 000 peers the first round of
+                    // answers is 10 000 of them, so nothing is formatted unless it is logged.
+                    if !(told || t.was_known || tracing::enabled!(tracing::Level::DEBUG)) {
+                        continue;
+                    }
                     let who = health.peer_name(&t.target);
                     let rtt = t.rtt.map(|r| format!("{:.1} ms", r.as_secs_f64() * 1000.0)).unwrap_or_default();
                     if told || t.was_known {
@@ -125,18 +138,27 @@ async fn follow(
                         debug!(subnet = %t.target.subnet, "peer {who} answers through the overlay (rtt {rtt})");
                     }
                 } else {
-                    down.insert(t.target.subnet, Down { target: t.target, told: false, next_check: Instant::now(), recheck: RECHECK });
+                    let now = Instant::now();
+                    let subnet = t.target.subnet;
+                    if let Some(old) = down.insert(subnet, Down { target: t.target, told: false, next_check: now, recheck: RECHECK }) {
+                        queue.remove(&(old.next_check, subnet));
+                    }
+                    queue.insert((now, subnet));
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let mut due: Vec<(Instant, Ipv4Network)> = down
-                    .iter()
-                    .filter(|(_, d)| d.next_check <= now)
-                    .map(|(k, d)| (d.next_check, *k))
-                    .collect();
-                due.sort();
-                for (_, subnet) in due.into_iter().take(EXPLAIN_PER_SECOND) {
+                let mut due = Vec::with_capacity(EXPLAIN_PER_SECOND);
+                while due.len() < EXPLAIN_PER_SECOND {
+                    match queue.first() {
+                        Some(&(at, subnet)) if at <= now => {
+                            queue.pop_first();
+                            due.push(subnet);
+                        }
+                        _ => break,
+                    }
+                }
+                for subnet in due {
                     let Some(target) = down.get(&subnet).map(|d| d.target.clone()) else { continue };
                     let cause = explain(&reg, &target, port).await;
                     let changed = health.set_probe_cause(subnet, Some(cause.clone()));
@@ -149,6 +171,7 @@ async fn follow(
                     }
                     d.told = true;
                     d.next_check = Instant::now() + d.recheck;
+                    queue.insert((d.next_check, subnet));
                     d.recheck = (d.recheck * 2).min(RECHECK_CAP);
                 }
             }
