@@ -4,6 +4,7 @@
 //! Dependencies point one way: `cli` → `commands` → (`registry`, `dataplane`, `cleanup`) →
 //! kernel/etcd adapters.
 
+pub mod allocator;
 pub mod backoff;
 pub mod cleanup;
 pub mod cli;

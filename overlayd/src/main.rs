@@ -8,7 +8,7 @@ use overlayd::cli::{Cli, Command};
 use overlayd::commands;
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    overlayd::allocator::limit_arenas();
     let cli = Cli::parse();
     // The doctor's findings are its output; what the checks it reuses log at info is noise there.
     let quiet = matches!(cli.command, Command::Doctor(_)) && std::env::var_os("RUST_LOG").is_none();
@@ -50,17 +50,5 @@ fn main() -> ExitCode {
             eprintln!("overlayd: error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc gives each thread that allocates (tokio's workers, its blocking pool, the probe thread) an
-/// arena of its own, and memory freed in one arena is not reused by another: at 10 000 peers that
-/// was a third of the daemon's RSS (bench-scale: 42.6 MB, 31.7 MB with one arena). Two arenas keep
-/// contention low for a daemon this size.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread is started.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
     }
 }

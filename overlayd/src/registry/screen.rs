@@ -7,9 +7,11 @@
 //! plane only the leases it can use.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 
+use super::lease_value::Lease;
 use super::watch::LeaseSet;
 use crate::config::NetworkConfig;
 
@@ -70,6 +72,47 @@ pub const TRUNCATED_EVENT_KEY: &str = "(watch event without a key)";
 /// The leases the data plane may use: keys of the network's SubnetLen inside Network, not
 /// overlapping `own` (which stays), with readable values. Everything else is returned with why,
 /// together with what the listing and the watch could not read.
+/// [`screen`] without a copy when every lease is usable and no key was ignored: the set itself
+/// is what the data plane gets (with 10 000 peers a copy is megabytes, made for every event).
+pub fn screen_shared(
+    set: &Arc<LeaseSet>,
+    cfg: &NetworkConfig,
+    own: Ipv4Network,
+) -> (Arc<LeaseSet>, BTreeMap<String, Ignored>) {
+    let clean = set.ignored.is_empty()
+        && set
+            .leases
+            .iter()
+            .all(|(subnet, l)| unusable(*subnet, l, cfg, own).is_none());
+    if clean {
+        return (set.clone(), BTreeMap::new());
+    }
+    let (usable, ignored) = screen(set, cfg, own);
+    (Arc::new(usable), ignored)
+}
+
+/// Why a lease cannot be used, if it cannot.
+fn unusable(
+    subnet: Ipv4Network,
+    l: &Lease,
+    cfg: &NetworkConfig,
+    own: Ipv4Network,
+) -> Option<IgnoreReason> {
+    if subnet == own {
+        None
+    } else if subnet.overlaps(own) {
+        Some(IgnoreReason::OverlapsOwn)
+    } else if subnet.prefix() != cfg.subnet_len {
+        Some(IgnoreReason::PrefixLength)
+    } else if !cfg.network.contains(subnet.network()) {
+        Some(IgnoreReason::OutsideNetwork)
+    } else if l.value.is_none() {
+        Some(IgnoreReason::NotJson)
+    } else {
+        None
+    }
+}
+
 pub fn screen(
     set: &LeaseSet,
     cfg: &NetworkConfig,
@@ -82,20 +125,7 @@ pub fn screen(
         ignored: BTreeMap::new(),
     };
     for (subnet, l) in &set.leases {
-        let why = if *subnet == own {
-            None
-        } else if subnet.overlaps(own) {
-            Some(IgnoreReason::OverlapsOwn)
-        } else if subnet.prefix() != cfg.subnet_len {
-            Some(IgnoreReason::PrefixLength)
-        } else if !cfg.network.contains(subnet.network()) {
-            Some(IgnoreReason::OutsideNetwork)
-        } else if l.value.is_none() {
-            Some(IgnoreReason::NotJson)
-        } else {
-            None
-        };
-        match why {
+        match unusable(*subnet, l, cfg, own) {
             None => {
                 usable.leases.insert(*subnet, l.clone());
             }
@@ -174,5 +204,37 @@ mod tests {
                 ("10.99.1.0-24", "outside_network"),
             ]
         );
+    }
+
+    #[test]
+    fn a_clean_set_is_shared_and_a_set_with_one_bad_lease_is_screened() {
+        let (cfg, _) = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let own: Ipv4Network = "10.244.5.0/24".parse().unwrap();
+        let clean = Arc::new(LeaseSet {
+            revision: 3,
+            leases: [lease("10.244.5.0/24", true), lease("10.244.6.0/24", true)]
+                .into_iter()
+                .collect(),
+            ignored: BTreeMap::new(),
+        });
+        let (usable, ignored) = screen_shared(&clean, &cfg, own);
+        assert!(
+            Arc::ptr_eq(&usable, &clean),
+            "a clean set must not be copied"
+        );
+        assert!(ignored.is_empty());
+
+        let mut dirty = (*clean).clone();
+        let (k, v) = lease("10.244.9.0/25", true);
+        dirty.leases.insert(k, v);
+        let dirty = Arc::new(dirty);
+        let (usable, ignored) = screen_shared(&dirty, &cfg, own);
+        assert!(!Arc::ptr_eq(&usable, &dirty));
+        assert_eq!(usable.leases.len(), 2);
+        assert_eq!(usable.revision, 3);
+        assert_eq!(ignored.keys().collect::<Vec<_>>(), ["10.244.9.0-25"]);
     }
 }
