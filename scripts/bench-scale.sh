@@ -10,16 +10,18 @@
 #        <= 20 MB at 10 000 peers, both growing linearly
 # churn  200 lease deletes/puts per second for 30 s against 5 000 peers: etcd-to-kernel latency
 #        (p50, p99; target p99 <= 20 ms), then kernel state against etcd (0 missing, 0 stale)
-# idle   10 000 peers, neighbour churn on the underlay, 50 pod veths made and removed per minute,
-#        20 000 nat rules: the daemon's CPU over SECONDS; target <= 0.5% of one core
+# idle   10 000 peers that answer probes (a responder in the underlay namespace), neighbour churn on
+#        the underlay, 50 pod veths made and removed per minute, 20 000 nat rules: the daemon's CPU
+#        over SECONDS, default settings (probes on); target <= 0.5% of one core
 # etcd   requests etcd served for this one node per minute at steady state (etcd's /metrics)
 # probe  peer probes at N peers (default 5 000): probes per second the daemon sends and its CPU,
-#        with probing off and on over SECONDS (default 60). No simulated peer answers, so this is
-#        the worst case (every peer unreachable, probed every interval / 3); healthy peers cost a
-#        third of it (N / 30 s)
+#        with probing off and on over SECONDS (default 60). No simulated peer answers here, so
+#        this is the worst case (every peer unreachable, probed every interval / 3, each probe
+#        rate capped by --peer-probe-max-rate, 100/s)
 #
 # Everything lives in namespaces named obsc-*, removed on exit; peers' PublicIPs are in RFC 2544's
-# benchmarking range 198.18.0.0/15 and the node has no route out of the lab. Needs root.
+# benchmarking range 198.18.0.0/15, which only the lab's underlay namespace ever answers (idle),
+# and the node has no route out of the lab. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -96,6 +98,8 @@ routes() { ip -n $P-n route show proto 76 | wc -l; }
 routes_at_least() { test "$(routes)" -ge "$1"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' /proc/"$DAEMON_PID"/status; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' /proc/"$DAEMON_PID"/status; }
+# RSS split: heap and stacks (RssAnon) against pages of the binary itself (RssFile, shared).
+rss_split() { awk '/^RssAnon/ {a = $2} /^RssFile/ {f = $2} END {printf "anon %.1f, file %.1f", a / 1024, f / 1024}' /proc/"$DAEMON_PID"/status; }
 cpu_ticks() { awk '{print $14 + $15 + $16 + $17}' /proc/"$DAEMON_PID"/stat; } # children too: the iptables checks
 log_time() { # unix time of the first log line containing $1 (tracing's RFC 3339 timestamps)
   local line
@@ -111,7 +115,7 @@ declare -a SUMMARY
 say() { SUMMARY+=("$1"); echo "$1"; }
 
 cold() {
-  local n t_lease t_done secs rss hwm arp fdb
+  local n t_lease t_done secs rss hwm arp fdb split
   echo "==> cold start: peers programmed after the lease, and RSS"
   printf '%8s %10s %12s %10s %10s %14s\n' peers seconds "ms/1000" "RSS MB" "peak MB" "KB RSS/peer"
   for n in "$@"; do
@@ -125,16 +129,17 @@ cold() {
     sleep 1 # let the pass that wrote the last route finish before reading memory
     rss=$(rss_kb)
     hwm=$(hwm_kb)
+    split=$(rss_split)
     arp=$(ip -n $P-n neigh show dev overlay.1 nud permanent | wc -l)
     fdb=$(bridge -n $P-n fdb show dev overlay.1 | grep -c " dst " || true)
     secs=$(python3 -c "print(f'{$t_done - $t_lease:.2f}')")
-    printf '%8d %10s %12s %10s %10s %14s   (arp %d, fdb %d)\n' "$n" "$secs" \
+    printf '%8d %10s %12s %10s %10s %14s   (arp %d, fdb %d; RSS MB %s)\n' "$n" "$secs" \
       "$(python3 -c "print(f'{($t_done - $t_lease) * 1000 / ($n / 1000):.0f}')")" \
       "$(python3 -c "print(f'{$rss / 1024:.1f}')")" "$(python3 -c "print(f'{$hwm / 1024:.1f}')")" \
-      "$(python3 -c "print(f'{$rss / $n:.2f}')")" "$arp" "$fdb"
+      "$(python3 -c "print(f'{$rss / $n:.2f}')")" "$arp" "$fdb" "$split"
     if [[ $n == 10000 || $n == 5000 ]]; then
       [[ -n ${BENCH_KEEP_LOG:-} ]] && cp "$STATE/overlayd.log" "$BENCH_KEEP_LOG.$n"
-      say "cold start $n peers: $secs s (target <= 1 s at 10000), RSS $(python3 -c "print(f'{$rss / 1024:.1f}')") MB, peak $(python3 -c "print(f'{$hwm / 1024:.1f}')") MB (target <= 20 MB at 10000)"
+      say "cold start $n peers: $secs s (target <= 1 s at 10000), RSS $(python3 -c "print(f'{$rss / 1024:.1f}')") MB ($split), peak $(python3 -c "print(f'{$hwm / 1024:.1f}')") MB (target <= 20 MB at 10000)"
     fi
     node_down
   done
@@ -195,10 +200,16 @@ PY
 
 idle() {
   local secs=${1:-300} n=10000
-  echo "==> idle: $n peers, noisy underlay, pod veths, 20000 nat rules, $secs s"
+  echo "==> idle: $n peers answering probes, noisy underlay, pod veths, 20000 nat rules, $secs s"
   ctl del --prefix $PREFIX/subnets/ >/dev/null
   peers put "$n"
-  node_up
+  # Every simulated peer answers the node's probes as a healthy peer's kernel would: its
+  # PublicIPs are local addresses of the underlay namespace, where a responder sends each echo
+  # request back in VXLAN (the responder's own CPU is not the daemon's).
+  ip -n $P-ul route add local 198.18.0.0/15 dev lo
+  ip netns exec $P-ul python3 scripts/lib/scale_peers.py - - respond 8472 $((secs + 120)) >"$STATE/respond.log" 2>&1 &
+  local responder=$!
+  node_up --metrics-addr 127.0.0.1:9472
   wait_until 120 grep -q "leased subnet" "$STATE/overlayd.log"
   wait_until 300 routes_at_least "$n"
   # kube-proxy-sized nat table: 20 000 rules in chains of its shape (KUBE-SVC-*, KUBE-SEP-*).
@@ -233,16 +244,23 @@ PY
       sleep 0.2
     done
   ) &
-  local noise=$! t0 c0 c1
+  local noise=$! t0 c0 c1 s0 s1 a0 a1
+  imetric() { ip netns exec $P-n curl -s --max-time 5 http://127.0.0.1:9472/metrics | awk -v m="$1" '$1 == m {print $2}'; }
   t0=$(date +%s.%N)
   c0=$(cpu_ticks)
+  s0=$(imetric overlayd_probes_sent_total); a0=$(imetric overlayd_probes_answered_total)
   sleep "$secs"
   c1=$(cpu_ticks)
+  s1=$(imetric overlayd_probes_sent_total); a1=$(imetric overlayd_probes_answered_total)
+  local t1 hz
+  t1=$(date +%s.%N)
   wait "$noise" 2>/dev/null || true
-  local hz
   hz=$(getconf CLK_TCK)
-  say "idle $n peers, $secs s with noise: overlayd CPU $(python3 -c "print(f'{($c1 - $c0) / $hz / ($(date +%s.%N) - $t0) * 100:.2f}')")% of one core (target <= 0.5%)"
+  say "idle $n peers, $secs s with noise: overlayd CPU $(python3 -c "print(f'{($c1 - $c0) / $hz / ($t1 - $t0) * 100:.2f}')")% of one core (target <= 0.5%); probes $(python3 -c "print(f'{(${s1:-0} - ${s0:-0}) / ($t1 - $t0):.0f}')")/s sent, $(python3 -c "print(f'{(${a1:-0} - ${a0:-0}) / ($t1 - $t0):.0f}')")/s answered, $(imetric overlayd_peers_unreachable) unreachable"
   node_down
+  kill "$responder" 2>/dev/null || true
+  wait "$responder" 2>/dev/null || true
+  ip -n $P-ul route del local 198.18.0.0/15 dev lo 2>/dev/null || true
 }
 
 etcd_requests() {

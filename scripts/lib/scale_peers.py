@@ -7,6 +7,11 @@
         RATE operations per second for SECONDS, alternately deleting the next existing peer
         (numbered from DEL_FIRST) and putting a new one (from PUT_FIRST), so the peer count stays
         level; prints one line per operation: "<unix time sent> put|del <subnet>"
+    scale_peers.py - - respond PORT SECONDS
+        answer, for SECONDS, the node's peer probes as every simulated peer's kernel would: each
+        VXLAN packet on UDP PORT that carries an ICMP echo request gets the echo reply back in
+        VXLAN, from the peer's PublicIP (the caller routes 198.18.0.0/15 to this namespace as
+        local addresses); prints "answered N" at the end
 
 Peer i holds subnet 10.<1 + i/256>.<i%256>.0/24 (Network 10.0.0.0/8), PublicIP 198.18.0.0 + i
 (RFC 2544's benchmarking range: the documentation ranges hold 762 addresses, too few for 20 000
@@ -100,9 +105,68 @@ def churn(endpoint, prefix, rate, seconds, del_first, put_first):
             print(f"{sent:.6f} put {subnet(i)}/24", flush=True)
 
 
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(int.from_bytes(b[i : i + 2], "big") for i in range(0, len(b), 2))
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def echo_reply(frame):
+    """The VXLAN payload answering `frame` (VXLAN header + Ethernet + IPv4 + ICMP echo request),
+    or None when it is something else."""
+    if len(frame) < 8 + 14 + 20 + 8 or frame[0] & 0x08 == 0:
+        return None
+    vx, eth, ip = frame[:8], frame[8:22], frame[22:]
+    if eth[12:14] != b"\x08\x00" or ip[9] != 1:
+        return None
+    ihl = (ip[0] & 0x0F) * 4
+    icmp = bytearray(ip[ihl:])
+    if len(icmp) < 8 or icmp[0] != 8:
+        return None
+    icmp[0], icmp[2:4] = 0, b"\0\0"
+    icmp[2:4] = checksum(bytes(icmp)).to_bytes(2, "big")
+    # Swapping the addresses leaves the IPv4 header checksum as it was.
+    hdr = bytearray(ip[:ihl])
+    hdr[12:16], hdr[16:20] = ip[16:20], ip[12:16]
+    return vx + eth[6:12] + eth[0:6] + eth[12:14] + bytes(hdr) + bytes(icmp)
+
+
+def respond(port, seconds):
+    import socket
+    import struct
+
+    IP_PKTINFO = 8
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+    s.bind(("0.0.0.0", port))
+    s.settimeout(0.5)
+    end, answered = time.time() + seconds, 0
+    while time.time() < end:
+        try:
+            data, anc, _, src = s.recvmsg(2048, socket.CMSG_SPACE(12))
+        except socket.timeout:
+            continue
+        reply = echo_reply(data)
+        if reply is None:
+            continue
+        # Sent from the address the request was sent to: the peer's PublicIP.
+        local = next((d[4:8] for lvl, t, d in anc if lvl == socket.SOL_IP and t == IP_PKTINFO), None)
+        if local is None:
+            continue
+        pktinfo = struct.pack("=I4s4s", 0, local, b"\0\0\0\0")
+        s.sendmsg([reply], [(socket.SOL_IP, IP_PKTINFO, pktinfo)], 0, (src[0], port))
+        answered += 1
+    print(f"answered {answered}", flush=True)
+
+
 def main():
     endpoint, prefix, op = sys.argv[1], sys.argv[2].rstrip("/"), sys.argv[3]
-    if op == "put":
+    if op == "respond":
+        respond(int(sys.argv[4]), float(sys.argv[5]))
+    elif op == "put":
         n, first = int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0
         put_many(endpoint, prefix, range(first, first + n))
     elif op == "del":
