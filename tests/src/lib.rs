@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub mod cni_chain;
 pub mod etcd;
 pub mod etcd_cluster;
+pub mod idle_proxy;
 pub mod kube_proxy;
 pub mod lab;
 pub mod netns;

@@ -295,7 +295,11 @@ async fn supervise(
 ) -> anyhow::Result<ExitCode> {
     let subnet = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
-    let _follower = Task(tokio::spawn(registry::watch::follow(reg.clone(), tx)));
+    let _follower = Task(tokio::spawn(registry::watch::follow(
+        reg.clone(),
+        tx,
+        health.clone(),
+    )));
     // The config as running; only Backend.DirectRouting changes are applied live.
     let mut running = cfg.clone();
     let (cfg_tx, mut cfg_rx) = watch::channel(Arc::new(cfg.clone()));

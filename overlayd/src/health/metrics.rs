@@ -63,6 +63,7 @@ pub struct Metrics {
     pub peers_reachable: Gauge,
     pub peers_unreachable: Gauge,
     pub ignored_leases: Family<ReasonLabels, Counter>,
+    pub etcd_watch_restarts: Counter,
 }
 
 impl Metrics {
@@ -92,6 +93,7 @@ impl Metrics {
             peers_reachable: Gauge::default(),
             peers_unreachable: Gauge::default(),
             ignored_leases: Family::default(),
+            etcd_watch_restarts: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -199,6 +201,11 @@ impl Metrics {
             "ignored_leases",
             "Subnet keys (or watch events) ignored because overlayd cannot use them, counted once per write; they never remove a peer",
             m.ignored_leases.clone(),
+        );
+        registry.register(
+            "etcd_watch_restarts",
+            "Times the etcd watch was started again after it ended or could not be started (every attempt; the first start is not counted). Retries back off from 0.5 s to 4 s, so a lasting rate above about 0.5/s means they do not",
+            m.etcd_watch_restarts.clone(),
         );
         m.lease_ttl.set(-1);
         Metrics { registry, ..m }

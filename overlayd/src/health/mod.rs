@@ -606,6 +606,13 @@ impl Health {
     }
 }
 
+/// The registry's reports about etcd, turned into metrics and readiness.
+impl crate::registry::Observer for Health {
+    fn watch_restarted(&self) {
+        self.metrics.etcd_watch_restarts.inc();
+    }
+}
+
 fn push_repair(k: &mut Known, what: String) {
     if k.recent_repairs.len() == RECENT_REPAIRS {
         k.recent_repairs.pop_front();

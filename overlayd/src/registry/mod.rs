@@ -11,6 +11,7 @@ pub mod config_watch;
 pub mod keepalive;
 pub mod keys;
 pub mod lease_value;
+pub mod observe;
 pub mod screen;
 pub mod tls_files;
 pub mod watch;
@@ -19,4 +20,5 @@ pub use acquire::{acquire, reassert, AcquireError, AcquireRequest, Acquired, How
 pub use client::{Registry, RegistryError};
 pub use keys::Keys;
 pub use lease_value::{Lease, LeaseValue};
+pub use observe::{Observer, Unobserved};
 pub use watch::LeaseSet;

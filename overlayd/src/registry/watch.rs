@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions, WatchResponse};
 use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::client::Registry;
 use super::lease_value::Lease;
+use super::observe::Observer;
 use super::screen::{IgnoreReason, Ignored, TRUNCATED_EVENT_KEY};
 use crate::backoff::Backoff;
 
@@ -124,8 +125,8 @@ enum WatchEnd {
 }
 
 /// Keeps `tx` equal to etcd's subnet keys until the receiver side is dropped.
-pub async fn follow(reg: Registry, tx: watch::Sender<Arc<LeaseSet>>) {
-    follow_from(reg, tx, None).await
+pub async fn follow(reg: Registry, tx: watch::Sender<Arc<LeaseSet>>, observer: Arc<dyn Observer>) {
+    follow_from(reg, tx, None, observer).await
 }
 
 /// [`follow`], starting from a listing taken earlier (`None`: list now). The watch starts at the
@@ -134,12 +135,17 @@ pub async fn follow_from(
     reg: Registry,
     tx: watch::Sender<Arc<LeaseSet>>,
     mut start: Option<LeaseSet>,
+    observer: Arc<dyn Observer>,
 ) {
     // Capped low: the watch is how a node learns etcd is back, and one reconnect attempt every
     // few seconds costs nothing.
     let mut backoff = Backoff::new(Duration::from_millis(500), WATCH_RETRY_CAP);
     let mut prev: Option<LeaseSet> = None;
+    let mut first_attempt = true;
     'resync: loop {
+        if !std::mem::take(&mut first_attempt) {
+            observer.watch_restarted();
+        }
         let listed = match start.take() {
             Some(s) => Ok(s),
             None => reg.list_leases().await,
@@ -173,7 +179,12 @@ pub async fn follow_from(
         let mut may_relogin = true;
         loop {
             let mut progressed = false;
-            let end = watch_from(&reg, &mut set, &tx, &mut backoff, &mut progressed).await;
+            let end = watch_from(&reg, &mut set, &tx, &mut progressed).await;
+            // Only a watch that delivered something after its creation resets the backoff: one
+            // that etcd creates and then cancels or loses each time must still slow down.
+            if progressed {
+                backoff.reset();
+            }
             may_relogin |= progressed;
             match end {
                 WatchEnd::Compacted => {
@@ -204,6 +215,7 @@ pub async fn follow_from(
                     tokio::time::sleep(wait).await;
                 }
             }
+            observer.watch_restarted();
         }
     }
 }
@@ -212,7 +224,6 @@ async fn watch_from(
     reg: &Registry,
     set: &mut LeaseSet,
     tx: &watch::Sender<Arc<LeaseSet>>,
-    backoff: &mut Backoff,
     progressed: &mut bool,
 ) -> WatchEnd {
     let opts = WatchOptions::new()
@@ -303,8 +314,9 @@ async fn watch_from(
             );
             return WatchEnd::Relist;
         }
-        backoff.reset();
-        *progressed = true;
+        if shows_it_works(&msg) {
+            *progressed = true;
+        }
         let mut changed = false;
         let revision = msg.header().map(|h| h.revision()).unwrap_or(set.revision);
         for ev in msg.events() {
@@ -335,6 +347,18 @@ async fn watch_from(
     }
 }
 
+/// Whether an answer shows that the watch really works: events, or an answer without any after
+/// the watch was created (a progress report). The bare "created" answer does not: a member can
+/// create a watch and cancel or lose it right after, every time, and such a watch must keep
+/// backing off instead of being retried at the first delay forever.
+fn shows_it_works(msg: &WatchResponse) -> bool {
+    works(msg.created(), msg.canceled(), msg.compact_revision() > 0)
+}
+
+fn works(created: bool, canceled: bool, compacted: bool) -> bool {
+    !created && !canceled && !compacted
+}
+
 /// Between half and all of `d`, at random: when etcd comes back after an outage, the nodes that
 /// waited for it list their leases spread over a few seconds rather than all at once.
 fn spread(d: Duration) -> Duration {
@@ -347,4 +371,19 @@ fn is_auth_refusal(reason: &str) -> bool {
     ["permission denied", "auth", "token"]
         .iter()
         .any(|w| reason.contains(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_answer_after_creation_shows_the_watch_works() {
+        // created, canceled, compacted
+        assert!(!works(true, false, false), "the bare creation");
+        assert!(!works(true, true, false), "created and refused at once");
+        assert!(!works(false, true, false), "cancelled later");
+        assert!(!works(false, false, true), "compacted");
+        assert!(works(false, false, false), "events or progress");
+    }
 }

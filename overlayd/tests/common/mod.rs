@@ -126,6 +126,16 @@ pub fn follow_registry_with_log(
     reg: Registry,
     start: Option<registry::LeaseSet>,
 ) -> (Leases, Log) {
+    follow_observed(rt, reg, start, std::sync::Arc::new(registry::Unobserved))
+}
+
+/// [`follow_registry_with_log`], reporting to `observer`.
+pub fn follow_observed(
+    rt: &tokio::runtime::Runtime,
+    reg: Registry,
+    start: Option<registry::LeaseSet>,
+    observer: std::sync::Arc<dyn registry::Observer>,
+) -> (Leases, Log) {
     use tracing::instrument::WithSubscriber;
     let log: Log = Default::default();
     let sink = log.clone();
@@ -134,7 +144,7 @@ pub fn follow_registry_with_log(
         .with_writer(move || LogSink(sink.clone()))
         .finish();
     let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(registry::LeaseSet::default()));
-    rt.spawn(registry::watch::follow_from(reg, tx, start).with_subscriber(subscriber));
+    rt.spawn(registry::watch::follow_from(reg, tx, start, observer).with_subscriber(subscriber));
     (rx, log)
 }
 

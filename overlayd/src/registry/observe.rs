@@ -1,0 +1,14 @@
+//! What the etcd side reports as it goes, to whoever watches over the daemon (the health server
+//! implements it): the registry code does not depend on how it is shown.
+
+/// Told of each change; every method has a default that ignores it.
+pub trait Observer: Send + Sync {
+    /// The watch is being started again after it ended or could not be started (each attempt,
+    /// the first start excepted): a rate that stays high means the retries do not back off.
+    fn watch_restarted(&self) {}
+}
+
+/// Reports to no one (tools and tests that only want the lease set).
+pub struct Unobserved;
+
+impl Observer for Unobserved {}
