@@ -1,6 +1,7 @@
 //! overlayd against a three-member etcd cluster (issue 10): the member it talks to is killed, or
-//! cut off from the other two while it still answers clients. Each member runs in its own lab
-//! namespace; overlayd runs `--lease-only` in a node namespace on the same underlay. Needs root.
+//! cut off from the other two while it still answers clients, or two members die and the third is
+//! left without a quorum. Each member runs in its own lab namespace; overlayd runs in a node
+//! namespace on the same underlay (`--lease-only`, or with its data plane). Needs root.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -88,16 +89,21 @@ fn node_on_member0(cluster: &mut EtcdCluster) -> Node {
 }
 
 fn leases_seen(node: &Node) -> Option<u64> {
-    let out = node
-        .ns
+    metric(&node.ns, "overlayd_subnet_leases")
+}
+
+/// One unlabelled series of the daemon's /metrics in `ns`.
+fn metric(ns: &Netns, name: &str) -> Option<u64> {
+    let out = ns
         .cmd("curl")
         .args(["-s", "--max-time", "2"])
         .arg(format!("http://{METRICS}/metrics"))
         .output()
         .ok()?;
+    let prefix = format!("{name} ");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("overlayd_subnet_leases "))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -228,4 +234,128 @@ fn member_cut_off_from_the_others_is_left_for_one_with_a_leader() {
     );
     assert!(node.daemon.is_running());
     cluster.heal(0);
+}
+
+/// A node with its data plane (VXLAN device, bridge, routes to peers) on the cluster's underlay,
+/// told every member's endpoint.
+fn node_with_dataplane(cluster: &mut EtcdCluster) -> Node {
+    let ns = Netns::new("en");
+    cluster.attach(&ns, NODE_IP);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = ns.cmd(bin("overlayd").to_str().expect("utf8 path"));
+    cmd.args(["run", "--iface", "eth0", "--node-name", "node0"])
+        .args(["--etcd-endpoints", &cluster.endpoints()])
+        .args(["--metrics-addr", METRICS, "--peer-probe", "false"])
+        .arg("--subnet-file")
+        .arg(dir.path().join("subnet.env"))
+        .arg("--cni-data-dir")
+        .arg(dir.path().join("cni"))
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn("overlayd node0", cmd, dir.path().join("node0.log"));
+    daemon.wait_log("leased subnet", Duration::from_secs(30));
+    Node {
+        daemon,
+        ns,
+        _dir: dir,
+    }
+}
+
+/// The routes the node's kernel has to `subnet` (empty when none).
+fn route_to(node: &Node, subnet: &str) -> String {
+    node.ns.ip_out(&["route", "show", subnet])
+}
+
+#[test]
+fn without_a_quorum_the_watch_backs_off_the_routes_stay_and_a_new_lease_follows_quorum() {
+    if !require_root(
+        "without_a_quorum_the_watch_backs_off_the_routes_stay_and_a_new_lease_follows_quorum",
+    ) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start();
+    cluster.put(&format!("{PREFIX}/config"), CONFIG);
+    for n in [199, 198] {
+        cluster.put(&format!("{PREFIX}/subnets/10.244.{n}.0-24"), &peer(n));
+    }
+    let mut node = node_with_dataplane(&mut cluster);
+    for n in [199, 198] {
+        wait_for(
+            &format!("the route to peer {n}"),
+            Duration::from_secs(10),
+            || {
+                route_to(&node, &format!("10.244.{n}.0/24"))
+                    .contains("via")
+                    .then_some(())
+            },
+        );
+    }
+    let routes = || node.ns.ip_out(&["route", "show"]);
+    let before = routes();
+    let restarts = |node: &Node| metric(&node.ns, "overlayd_etcd_watch_restarts_total");
+    let base = wait_for("the restart counter", Duration::from_secs(5), || {
+        restarts(&node)
+    });
+
+    // Members 1 and 2 die: member 0 is left without a leader, and refuses every watch ("no
+    // leader": each call requires one). The window starts at the first failed watch.
+    cluster.kill(1);
+    cluster.kill(2);
+    wait_for(
+        "the watch to fail on the member without a quorum",
+        Duration::from_secs(20),
+        || restarts(&node).filter(|n| *n > base),
+    );
+    let (start, from) = (Instant::now(), restarts(&node).unwrap_or(base));
+    let window = Duration::from_secs(20);
+    while start.elapsed() < window {
+        assert_eq!(
+            routes(),
+            before,
+            "the routes changed without a quorum:\n{}",
+            node.daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let attempts = restarts(&node).unwrap_or(0) - from;
+    let log = node.daemon.log_text();
+    eprintln!(
+        "no quorum for {window:?}: {attempts} watch restarts (the log says \"cannot watch\" {} \
+         times, \"canceled\" {} times, \"watch lost\" {} times)",
+        log.matches("cannot watch subnet leases").count(),
+        log.matches("etcd canceled the").count(),
+        log.matches("watch lost").count()
+    );
+    // Waits of half to all of 0.5, 1, 2, then 4 s: at least 0.25 + 0.5 + 1 + 2 s and then 2 s
+    // each, so at most 4 + 9 = 13 restarts fit in 20 s (without a backoff: hundreds). At most
+    // 0.5 + 1 + 2 + 4 s and then 4 s each: at least 6 from the first failure; 3 leave room for
+    // slow attempts, and show the watch keeps trying.
+    assert!(
+        (3..=13).contains(&attempts),
+        "{attempts} watch restarts in {window:?} without a quorum:\n{log}"
+    );
+
+    // Quorum back (members 0 and 1): a lease written then is programmed within 5 s.
+    cluster.restart(1);
+    let quorum = Instant::now();
+    wait_for("a leader again", Duration::from_secs(15), || {
+        cluster.leader().map(|_| ())
+    });
+    cluster.put_via(1, &format!("{PREFIX}/subnets/10.244.200.0-24"), &peer(200));
+    let written = Instant::now();
+    wait_for(
+        "the route to a lease written after the quorum returned",
+        Duration::from_secs(5),
+        || {
+            route_to(&node, "10.244.200.0/24")
+                .contains("via")
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "quorum back: a new lease programmed {:?} after its write, {:?} after member 1 answered \
+         again",
+        written.elapsed(),
+        quorum.elapsed()
+    );
+    assert!(node.daemon.is_running());
 }
