@@ -295,17 +295,17 @@ async fn supervise(
 ) -> anyhow::Result<ExitCode> {
     let subnet = acquired.subnet;
     let (tx, mut rx) = watch::channel(Arc::new(LeaseSet::default()));
-    let _follower = Task(tokio::spawn(registry::watch::follow(
-        reg.clone(),
-        tx,
-        health.clone(),
-    )));
     // The config as running; only Backend.DirectRouting changes are applied live.
     let mut running = cfg.clone();
     let (cfg_tx, mut cfg_rx) = watch::channel(Arc::new(cfg.clone()));
-    let _cfg_follower = Task(tokio::spawn(registry::config_watch::follow(
+    // One watch stream for both the leases and the config.
+    let _follower = Task(tokio::spawn(registry::watch::follow(
         reg.clone(),
-        cfg_tx,
+        registry::watch::Outputs {
+            leases: tx,
+            config: Some(cfg_tx),
+            observer: health.clone(),
+        },
     )));
     let mut guard = Task(tokio::spawn(guard_lease(
         reg.clone(),

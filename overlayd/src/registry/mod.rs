@@ -7,7 +7,7 @@
 
 pub mod acquire;
 pub mod client;
-pub mod config_watch;
+mod config_watch;
 pub mod keepalive;
 pub mod keys;
 pub mod lease_value;
@@ -15,6 +15,7 @@ pub mod observe;
 pub mod screen;
 pub mod tls_files;
 pub mod watch;
+mod watch_stream;
 
 pub use acquire::{acquire, reassert, AcquireError, AcquireRequest, Acquired, How, ReassertError};
 pub use client::{Registry, RegistryError};

@@ -3,6 +3,11 @@
 
 /// Told of each change; every method has a default that ignores it.
 pub trait Observer: Send + Sync {
+    /// etcd answered on the watch stream (its creation, events, progress): the stream is open on a
+    /// member that has a leader (every call requires one). Called for each message.
+    fn watching(&self) {}
+    /// The watch stream ended or could not be opened; `why` says what etcd or the transport said.
+    fn not_watching(&self, _why: &str) {}
     /// The watch is being started again after it ended or could not be started (each attempt,
     /// the first start excepted): a rate that stays high means the retries do not back off.
     fn watch_restarted(&self) {}

@@ -136,6 +136,36 @@ pub fn follow_observed(
     start: Option<registry::LeaseSet>,
     observer: std::sync::Arc<dyn registry::Observer>,
 ) -> (Leases, Log) {
+    follow_inner(rt, reg, start, observer, None)
+}
+
+pub type Configs = tokio::sync::watch::Receiver<std::sync::Arc<overlayd::config::NetworkConfig>>;
+
+/// The follower as the daemon runs it: leases and the network config (starting from `running`)
+/// on one watch stream.
+pub fn follow_leases_and_config(
+    rt: &tokio::runtime::Runtime,
+    reg: Registry,
+    running: overlayd::config::NetworkConfig,
+) -> (Leases, Configs, Log) {
+    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(running));
+    let (leases, log) = follow_inner(
+        rt,
+        reg,
+        None,
+        std::sync::Arc::new(registry::Unobserved),
+        Some(tx),
+    );
+    (leases, rx, log)
+}
+
+fn follow_inner(
+    rt: &tokio::runtime::Runtime,
+    reg: Registry,
+    start: Option<registry::LeaseSet>,
+    observer: std::sync::Arc<dyn registry::Observer>,
+    config: Option<tokio::sync::watch::Sender<std::sync::Arc<overlayd::config::NetworkConfig>>>,
+) -> (Leases, Log) {
     use tracing::instrument::WithSubscriber;
     let log: Log = Default::default();
     let sink = log.clone();
@@ -144,7 +174,12 @@ pub fn follow_observed(
         .with_writer(move || LogSink(sink.clone()))
         .finish();
     let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(registry::LeaseSet::default()));
-    rt.spawn(registry::watch::follow_from(reg, tx, start, observer).with_subscriber(subscriber));
+    let out = registry::watch::Outputs {
+        leases: tx,
+        config,
+        observer,
+    };
+    rt.spawn(registry::watch::follow_from(reg, out, start).with_subscriber(subscriber));
     (rx, log)
 }
 
