@@ -27,12 +27,18 @@ impl Drop for Task {
     }
 }
 
-fn spawn_keepalive(reg: &Registry, a: &Acquired, ttl: Duration) -> Option<Task> {
+fn spawn_keepalive(
+    reg: &Registry,
+    a: &Acquired,
+    ttl: Duration,
+    health: &Arc<Health>,
+) -> Option<Task> {
     a.lease_id.map(|id| {
         Task(tokio::spawn(registry::keepalive::keep_alive(
             reg.clone(),
             id,
             ttl,
+            health.clone(),
         )))
     })
 }
@@ -51,7 +57,7 @@ pub async fn guard_lease(
     let subnet = acquired.subnet;
     let own_key = format!("{}-{}", subnet.network(), subnet.prefix());
     let ttl = req.ttl;
-    let mut keeper = spawn_keepalive(&reg, &acquired, ttl);
+    let mut keeper = spawn_keepalive(&reg, &acquired, ttl, &health);
     loop {
         let keeper_done = async {
             match keeper.as_mut() {
@@ -92,7 +98,7 @@ pub async fn guard_lease(
             match reassert_until_done(&reg, subnet, &req).await {
                 Ok(a) => {
                     if a.lease_id != acquired.lease_id || keeper.is_none() {
-                        keeper = spawn_keepalive(&reg, &a, ttl);
+                        keeper = spawn_keepalive(&reg, &a, ttl, &health);
                     }
                     health.set_lease(&a);
                     acquired = a;

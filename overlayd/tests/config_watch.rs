@@ -16,23 +16,6 @@ use overlayd::registry::Registry;
 const USER: &str = "node";
 const PASSWORD: &str = "node-pw";
 
-/// Watch streams etcd has open now (started minus handled), from its own /metrics.
-fn watch_streams_open(etcd: &Etcd) -> Option<f64> {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "5"])
-        .arg(format!("{}/metrics", etcd.endpoint))
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let count = |what: &str| -> Option<f64> {
-        text.lines()
-            .filter(|l| l.starts_with(what) && l.contains(r#"grpc_method="Watch""#))
-            .map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    Some(count("grpc_server_started_total")? - count("grpc_server_handled_total")?)
-}
-
 #[test]
 fn config_changes_arrive_on_the_lease_watch_stream_with_a_narrow_role() {
     let mut etcd = Etcd::start();
@@ -108,7 +91,7 @@ fn config_changes_arrive_on_the_lease_watch_stream_with_a_narrow_role() {
 
     // etcd serves this follower one watch stream (leases and config), nothing else watches.
     let open = wait_for("etcd's metrics", Duration::from_secs(5), || {
-        watch_streams_open(&etcd)
+        etcd_streams_open(&etcd.endpoint, "Watch")
     });
     assert_eq!(open, 1.0, "watch streams open at etcd");
 }

@@ -44,7 +44,12 @@ fn keep_alive_of_a_lease_etcd_no_longer_has_returns_as_expired() {
     let ended = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
-            overlayd::registry::keepalive::keep_alive(reg, id, Duration::from_secs(60)),
+            overlayd::registry::keepalive::keep_alive(
+                reg,
+                id,
+                Duration::from_secs(60),
+                std::sync::Arc::new(overlayd::registry::Unobserved),
+            ),
         )
         .await
     });

@@ -104,7 +104,6 @@ async fn daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let reg = connect(&args.etcd).await?;
     health.set_etcd(&reg);
-    health::etcd_contact::spawn(reg.clone(), health.clone(), args.etcd_heard_within);
     info!(
         endpoints = reg.endpoints(),
         prefix = reg.keys.prefix(),

@@ -6,7 +6,7 @@
 //! counters make drift visible: repairs that keep climbing while the leases stay the same mean
 //! something else fights over our routes or rules.
 
-pub mod etcd_contact;
+mod etcd_contact;
 pub mod http;
 pub mod metrics;
 pub mod probes;
@@ -17,7 +17,7 @@ pub mod server;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use overlay_state::{ipam_store, IpamStore};
@@ -29,7 +29,7 @@ use crate::config::NetworkConfig;
 use crate::dataplane::peers::{Changes, Peer};
 use crate::dataplane::Plan;
 use crate::node::Node;
-use crate::registry::{Acquired, LeaseSet, Registry};
+use crate::registry::{Acquired, LeaseSet};
 pub use metrics::{ChangeLabels, Metrics, NetworkLabels};
 use metrics::{CheckLabels, RepairLabels};
 use report::{
@@ -58,8 +58,6 @@ pub struct Health {
     pub peers: Gauge,
     pub errors: Counter,
     known: Mutex<Known>,
-    /// Wakes the etcd check when the lease changes, so its TTL is known at once.
-    lease_changed: tokio::sync::Notify,
     prober: Mutex<Option<crate::dataplane::probe::Prober>>,
     /// The lease revision the probe targets were last taken from.
     probe_revision: std::sync::atomic::AtomicI64,
@@ -71,7 +69,9 @@ struct Known {
     config: Option<ConfigReport>,
     node: Option<NodeReport>,
     lease: Option<LeaseReport>,
-    etcd: Option<EtcdState>,
+    etcd: Option<etcd_contact::EtcdState>,
+    /// The last keep-alive answer for the lease.
+    refreshed: Option<etcd_contact::Refreshed>,
     devices: Option<(DevicesReport, rtnetlink::Handle)>,
     /// The peers the last pass asked for, and the leases they came from: shared with the data
     /// plane (no copy per watch event); reports are made from them when someone asks.
@@ -94,13 +94,6 @@ struct Known {
     probe_causes: BTreeMap<Ipv4Network, String>,
 }
 
-struct EtcdState {
-    endpoints: String,
-    prefix: String,
-    last_contact: Option<Instant>,
-    last_error: Option<String>,
-}
-
 impl Default for Health {
     fn default() -> Self {
         Self::new()
@@ -116,7 +109,6 @@ impl Health {
             errors: metrics.errors.clone(),
             metrics,
             known: Mutex::new(Known::default()),
-            lease_changed: tokio::sync::Notify::new(),
             prober: Mutex::new(None),
             probe_revision: std::sync::atomic::AtomicI64::new(-1),
         }
@@ -174,34 +166,6 @@ impl Health {
         });
     }
 
-    /// The etcd this daemon talks to; connecting counts as contact.
-    pub fn set_etcd(&self, reg: &Registry) {
-        self.known().etcd = Some(EtcdState {
-            endpoints: reg.endpoints().to_string(),
-            prefix: reg.keys.prefix().to_string(),
-            last_contact: None,
-            last_error: None,
-        });
-        self.etcd_answered();
-    }
-
-    pub fn etcd_answered(&self) {
-        if let Some(e) = self.known().etcd.as_mut() {
-            e.last_contact = Some(Instant::now());
-            e.last_error = None;
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.metrics.etcd_last_contact.set(now);
-    }
-
-    pub fn etcd_failed(&self, error: String) {
-        if let Some(e) = self.known().etcd.as_mut() {
-            e.last_error = Some(error);
-        }
-    }
-
     /// This node holds `a` (leased, taken back or re-asserted).
     pub fn set_lease(&self, a: &Acquired) {
         self.known().lease = Some(LeaseReport {
@@ -213,7 +177,6 @@ impl Health {
             granted_ttl_seconds: None,
         });
         self.metrics.lease_ttl.set(-1);
-        self.lease_changed.notify_one();
     }
 
     /// etcd says our lease is gone; the supervisor is leasing the subnet again.
@@ -238,24 +201,6 @@ impl Health {
                 reason: reason.into(),
             })
             .inc();
-    }
-
-    /// The lease to check the TTL of, if any.
-    pub fn lease_id(&self) -> Option<i64> {
-        let k = self.known();
-        let id = k.lease.as_ref()?.lease_id.as_deref()?;
-        i64::from_str_radix(id, 16).ok()
-    }
-
-    pub fn set_lease_ttl(&self, left: i64, granted: i64) {
-        if let Some(l) = self.known().lease.as_mut() {
-            l.ttl_left_seconds = Some(left);
-            l.granted_ttl_seconds = Some(granted);
-            if left <= 0 {
-                l.held = false;
-            }
-        }
-        self.metrics.lease_ttl.set(left);
     }
 
     /// Kept for the supervisor: `false` marks the lease as not held.
@@ -489,17 +434,20 @@ impl Health {
         }
         let k = self.known();
         let now = Instant::now();
+        self.refresh_etcd_gauges(&k, now);
         let etcd = match &k.etcd {
             Some(e) => EtcdReport {
                 endpoints: e.endpoints.clone(),
                 prefix: e.prefix.clone(),
-                last_contact_seconds_ago: e.last_contact.map(|t| secs(now - t)),
+                last_contact_seconds_ago: e.silent_for(now).map(secs),
+                watch_stream_open: e.watching,
                 last_error: e.last_error.clone(),
             },
             None => EtcdReport {
                 endpoints: String::new(),
                 prefix: String::new(),
                 last_contact_seconds_ago: None,
+                watch_stream_open: false,
                 last_error: Some("not connected yet".into()),
             },
         };
@@ -517,7 +465,7 @@ impl Health {
             checks,
             config: k.config.clone(),
             node: k.node.clone(),
-            lease: k.lease.clone(),
+            lease: k.lease_report(now),
             etcd,
             devices: k.devices.as_ref().map(|d| d.0.clone()),
             peers,
@@ -603,13 +551,6 @@ impl Health {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
-    }
-}
-
-/// The registry's reports about etcd, turned into metrics and readiness.
-impl crate::registry::Observer for Health {
-    fn watch_restarted(&self) {
-        self.metrics.etcd_watch_restarts.inc();
     }
 }
 

@@ -57,7 +57,8 @@ pub async fn checks(h: &Health, peer_reports: &[PeerReport]) -> Vec<Check> {
             .settings
             .as_ref()
             .map_or(DEFAULT_ETCD_HEARD_WITHIN, |s| s.etcd_heard_within);
-        let lease = match &k.lease {
+        let now = Instant::now();
+        let lease = match &k.lease_report(now) {
             _ if k.refused.is_some() => Err(k.refused.clone().unwrap_or_default()),
             None => Err("no subnet leased yet (see the log for why)".to_string()),
             Some(l) if !l.held => Err(format!(
@@ -100,7 +101,8 @@ pub async fn checks(h: &Health, peer_reports: &[PeerReport]) -> Vec<Check> {
         };
         let etcd = match &k.etcd {
             None => Err("not connected to etcd yet (see the log for why)".to_string()),
-            Some(e) => match e.last_contact.map(|t| Instant::now() - t) {
+            Some(e) => match e.silent_for(now) {
+                Some(_) if e.watching => Ok(format!("{} answers (watch stream open)", e.endpoints)),
                 Some(age) if age <= within => Ok(format!(
                     "{} answered {:.0} s ago",
                     e.endpoints,

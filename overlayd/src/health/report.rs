@@ -57,7 +57,8 @@ pub struct LeaseReport {
     pub reservation: bool,
     /// False after etcd said the lease expired, until the same subnet is leased again.
     pub held: bool,
-    /// Seconds left at the last check (`None`: not checked yet, or a reservation).
+    /// Seconds left: from the last keep-alive answer, counted down since (`None`: no answer yet,
+    /// or a reservation).
     pub ttl_left_seconds: Option<i64>,
     pub granted_ttl_seconds: Option<i64>,
 }
@@ -66,8 +67,11 @@ pub struct LeaseReport {
 pub struct EtcdReport {
     pub endpoints: String,
     pub prefix: String,
-    /// Seconds since etcd last answered (`None`: never).
+    /// Seconds since etcd last answered (`None`: never; 0 while the watch stream is open).
     pub last_contact_seconds_ago: Option<f64>,
+    /// The watch stream is open and etcd answers on it.
+    #[serde(default)]
+    pub watch_stream_open: bool,
     /// The last failed call, cleared by the next answer.
     pub last_error: Option<String>,
 }

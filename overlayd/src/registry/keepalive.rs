@@ -1,11 +1,13 @@
 //! Keeping this node's etcd lease alive with keep-alive messages — not by re-granting and re-putting
 //! the key as flannel does, which wakes every node in the cluster on each renewal.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
 use super::client::{Registry, RegistryError};
+use super::observe::Observer;
 use crate::backoff::Backoff;
 
 /// How often to refresh a lease of `ttl`: a quarter of it (three refreshes may fail before the lease
@@ -19,7 +21,9 @@ pub fn interval(ttl: Duration) -> Duration {
 ///
 /// A lease that expired while this node was cut off from etcd shows up as a keep-alive stream that
 /// cannot be opened ("lease not found"): that is an expiry too, not a reason to retry.
-pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration) {
+///
+/// Each answer goes to `observer` (the TTL it gives, and contact with etcd).
+pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration, observer: Arc<dyn Observer>) {
     let every = interval(ttl);
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
@@ -48,6 +52,7 @@ pub async fn keep_alive(reg: Registry, lease_id: i64, ttl: Duration) {
                 Ok(Ok(Some(resp))) if resp.ttl() <= 0 => return,
                 Ok(Ok(Some(resp))) => {
                     debug!(ttl = resp.ttl(), "lease {lease_id:x} refreshed");
+                    observer.lease_refreshed(lease_id, resp.ttl());
                     backoff.reset();
                 }
                 Ok(Ok(None)) => {

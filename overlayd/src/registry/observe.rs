@@ -1,5 +1,6 @@
 //! What the etcd side reports as it goes, to whoever watches over the daemon (the health server
-//! implements it): the registry code does not depend on how it is shown.
+//! implements it): the registry code does not depend on how it is shown. Contact with etcd comes
+//! from here, from the streams that are open anyway, so no call is made only to check on etcd.
 
 /// Told of each change; every method has a default that ignores it.
 pub trait Observer: Send + Sync {
@@ -11,6 +12,8 @@ pub trait Observer: Send + Sync {
     /// The watch is being started again after it ended or could not be started (each attempt,
     /// the first start excepted): a rate that stays high means the retries do not back off.
     fn watch_restarted(&self) {}
+    /// etcd answered a keep-alive of `lease_id`: `ttl` seconds are left on it from now.
+    fn lease_refreshed(&self, _lease_id: i64, _ttl: i64) {}
 }
 
 /// Reports to no one (tools and tests that only want the lease set).

@@ -256,3 +256,64 @@ pub fn leases_gauge(addr: &str) -> Option<i64> {
         .find_map(|l| l.strip_prefix("overlayd_subnet_leases "))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// What etcd's own /metrics count per gRPC method: (calls or streams started, handled), keyed by
+/// method and type (`unary`, `bidi_stream`...). A stream open now is started but not handled.
+pub fn etcd_rpcs(
+    etcd_endpoint: &str,
+) -> Option<std::collections::BTreeMap<(String, String), (f64, f64)>> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("{etcd_endpoint}/metrics"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut counts = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let (started, rest) = if let Some(r) = line.strip_prefix("grpc_server_started_total{") {
+            (true, r)
+        } else if let Some(r) = line.strip_prefix("grpc_server_handled_total{") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let (labels, value) = rest.split_once("} ")?;
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+        };
+        let key = (label("grpc_method")?, label("grpc_type")?);
+        let n: f64 = value.trim().parse().ok()?;
+        let e = counts.entry(key).or_insert((0.0, 0.0));
+        if started {
+            e.0 += n;
+        } else {
+            e.1 += n;
+        }
+    }
+    (!counts.is_empty()).then_some(counts)
+}
+
+/// Streams of `method` etcd has open now.
+pub fn etcd_streams_open(etcd_endpoint: &str, method: &str) -> Option<f64> {
+    let c = etcd_rpcs(etcd_endpoint)?;
+    Some(
+        c.iter()
+            .filter(|((m, _), _)| m == method)
+            .map(|(_, (s, h))| s - h)
+            .sum(),
+    )
+}
+
+/// Unary calls etcd has served so far, by method.
+pub fn etcd_unary_calls(etcd_endpoint: &str) -> Option<std::collections::BTreeMap<String, f64>> {
+    let c = etcd_rpcs(etcd_endpoint)?;
+    Some(
+        c.into_iter()
+            .filter(|((_, t), _)| t == "unary")
+            .map(|((m, _), (s, _))| (m, s))
+            .collect(),
+    )
+}
