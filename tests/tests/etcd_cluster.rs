@@ -318,10 +318,13 @@ fn without_a_quorum_the_watch_backs_off_the_routes_stay_and_a_new_lease_follows_
     }
     let attempts = restarts(&node).unwrap_or(0) - from;
     let log = node.daemon.log_text();
+    // Which case this is: refused at once (the config read or the watch's creation), or created
+    // and then cancelled or lost.
     eprintln!(
-        "no quorum for {window:?}: {attempts} watch restarts (the log says \"cannot watch\" {} \
-         times, \"canceled\" {} times, \"watch lost\" {} times)",
-        log.matches("cannot watch subnet leases").count(),
+        "no quorum for {window:?}: {attempts} watch restarts; the log has {} starts refused \
+         (\"cannot read the network config\" or \"cannot watch\"), {} watches cancelled and {} lost",
+        log.matches("cannot read the network config").count()
+            + log.matches("cannot watch subnet leases").count(),
         log.matches("etcd canceled the").count(),
         log.matches("watch lost").count()
     );
