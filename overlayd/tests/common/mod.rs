@@ -284,6 +284,10 @@ pub fn etcd_rpcs(
                 .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
                 .map(|v| v.trim_end_matches('"').to_string())
         };
+        // etcd's own services only: grpc.health.v1.Health has a Watch method too.
+        if !label("grpc_service")?.starts_with("etcdserverpb.") {
+            continue;
+        }
         let key = (label("grpc_method")?, label("grpc_type")?);
         let n: f64 = value.trim().parse().ok()?;
         let e = counts.entry(key).or_insert((0.0, 0.0));
