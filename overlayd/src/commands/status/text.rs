@@ -67,11 +67,11 @@ pub fn render(r: &StatusReport, addr: SocketAddr) -> String {
         "etcd: {} prefix {}, {}{}",
         r.etcd.endpoints,
         r.etcd.prefix,
-        r.etcd
-            .last_contact_seconds_ago
-            .map_or("never answered".to_string(), |s| format!(
-                "last answered {s:.0} s ago"
-            )),
+        match r.etcd.last_contact_seconds_ago {
+            _ if r.etcd.watch_stream_open => "watching (stream open)".to_string(),
+            Some(s) => format!("last answered {s:.0} s ago"),
+            None => "never answered".to_string(),
+        },
         r.etcd
             .last_error
             .as_ref()
