@@ -430,6 +430,10 @@ impl ErrorContext {
             || cause.contains("UnknownCA")
             || cause.contains("CertificateRequired")
         {
+            // No certificate was given: etcd's alert and a dropped connection (which it sends
+            // as often, depending on timing) both mean "give one", and both get the same hint
+            // and the same retries, not an exit one time and retries the next.
+            self.certfile.as_ref()?;
             Some(format!(
                 "etcd refused this node's client certificate {cert} (--etcd-certfile): {cause}. \
                  It must be signed by the CA in etcd's --trusted-ca-file and be valid now \
