@@ -165,7 +165,7 @@ async fn show(etcd: &EtcdArgs, output: OutputFormat) -> anyhow::Result<ExitCode>
     let raw_text = String::from_utf8_lossy(&raw).into_owned();
     let parsed = NetworkConfig::parse(&raw);
     let leases = reg.list_leases().await?;
-    let all: Vec<&Lease> = leases.leases.values().collect();
+    let all: Vec<&Lease> = leases.leases.values().map(|l| &**l).collect();
     let (ok, code) = match &parsed {
         Ok(_) => (true, ExitCode::SUCCESS),
         Err(_) => (false, ExitCode::FAILURE),

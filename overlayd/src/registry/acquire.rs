@@ -7,6 +7,7 @@
 //!    `create_revision == 0`, so two nodes can never both win one subnet; a lost race picks again.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -163,7 +164,7 @@ async fn acquire_inner(
 ) -> Result<Acquired, AcquireError> {
     for _ in 0..MAX_ATTEMPTS {
         let set = reg.list_leases().await?;
-        let mine = |l: &&Lease| req.owns(l) && cfg.is_leasable(&l.subnet);
+        let mine = |l: &&Arc<Lease>| req.owns(l) && cfg.is_leasable(&l.subnet);
         // Another node with our PublicIP: stop before writing anything (no tug of war).
         if let Some(l) = set
             .leases

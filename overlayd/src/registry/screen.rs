@@ -148,7 +148,7 @@ mod tests {
     use super::*;
     use crate::registry::{Lease, LeaseValue};
 
-    fn lease(s: &str, json: bool) -> (Ipv4Network, Lease) {
+    fn lease(s: &str, json: bool) -> (Ipv4Network, Arc<Lease>) {
         let subnet: Ipv4Network = s.parse().unwrap();
         let value = json.then(|| LeaseValue {
             public_ip: "192.0.2.1".parse().unwrap(),
@@ -158,12 +158,12 @@ mod tests {
         });
         (
             subnet,
-            Lease {
+            Arc::new(Lease {
                 subnet,
                 value,
                 lease_id: 1,
                 mod_revision: 7,
-            },
+            }),
         )
     }
 

@@ -27,8 +27,10 @@ pub struct LeaseSet {
     /// The etcd revision this set reflects.
     pub revision: i64,
     /// Every subnet key. A value overlayd cannot read is `None`, unless the key held a readable
-    /// one before: then that one stays (one bad write must not remove a peer).
-    pub leases: BTreeMap<Ipv4Network, Lease>,
+    /// one before: then that one stays (one bad write must not remove a peer). Shared: the
+    /// follower's set and the one the supervisor holds differ by an event at most, so their
+    /// leases are the same allocations (10 000 leases are megabytes; a copy per event was too).
+    pub leases: BTreeMap<Ipv4Network, Arc<Lease>>,
     /// Keys under `subnets/` that could not be read, by key (relative to `subnets/`).
     pub ignored: BTreeMap<String, Ignored>,
 }
@@ -73,7 +75,7 @@ impl LeaseSet {
         } else {
             self.ignored.remove(&name);
         }
-        self.leases.insert(new.subnet, new);
+        self.leases.insert(new.subnet, Arc::new(new));
         true
     }
 
