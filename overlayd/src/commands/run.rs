@@ -16,8 +16,9 @@ use crate::backoff::Backoff;
 use crate::cli::{EtcdArgs, RunArgs};
 use crate::config::{NetworkConfig, VXLAN_OVERHEAD};
 use crate::dataplane::probe::ProbeConfig;
-use crate::dataplane::{monitor, Dataplane, Plan};
+use crate::dataplane::{monitor, nft_events, Dataplane, Plan};
 use crate::health::{self, Health};
+use crate::iptables_tools::Backend;
 use crate::lease_guard::{guard_lease, Task, REFUSED_RECHECK};
 use crate::node;
 use crate::registry::screen::Ignored;
@@ -316,8 +317,20 @@ async fn supervise(
     let mut tick = tokio::time::interval(args.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // iptables checks spawn processes: less often than the netlink reconcile.
-    let mut iptables_tick = tokio::time::interval(IPTABLES_CHECK);
+    // With nf_tables, a change of any ruleset is notified: the check runs then, and the timer is
+    // only a net. The legacy backend is polled.
+    let mut nft_changes = match dataplane.as_deref().and_then(|dp| dp.iptables_backend()) {
+        Some(Backend::Nft) => nft_events::spawn(),
+        _ => None,
+    };
+    let mut iptables_tick = tokio::time::interval(if nft_changes.is_some() {
+        IPTABLES_NET
+    } else {
+        IPTABLES_CHECK
+    });
     iptables_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut iptables_due: Option<tokio::time::Instant> = None;
+    let mut last_iptables_check = tokio::time::Instant::now();
     // Failed peers are retried on their own backoff, between full passes; an idle check.
     let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
     retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -389,16 +402,24 @@ async fn supervise(
             }
             _ = iptables_tick.tick() => {
                 if let Some(dp) = dataplane.as_deref_mut() {
-                    let checked = dp.ensure_iptables().await;
-                    health.record_iptables(&checked);
-                    match checked {
-                        Ok(_) => last_iptables_error.clear(),
-                        Err(e) if e.to_string() != last_iptables_error => {
-                            error!("{e}; checking again every {:?}", iptables_tick.period());
-                            last_iptables_error = e.to_string();
-                        }
-                        Err(_) => {}
-                    }
+                    check_iptables(dp, &health, &mut last_iptables_error).await;
+                    last_iptables_check = tokio::time::Instant::now();
+                }
+                continue;
+            }
+            Some(()) = next_change(&mut nft_changes) => {
+                // An iptables-restore is a burst of messages, and kube-proxy restores several
+                // tables: one check once it settles. At most one a second, so a rule that keeps
+                // failing to apply cannot turn our own writes' notifications into a loop.
+                let at = (tokio::time::Instant::now() + NFT_SETTLE).max(last_iptables_check + NFT_MIN_GAP);
+                iptables_due.get_or_insert(at);
+                continue;
+            }
+            _ = sleep_until(iptables_due) => {
+                iptables_due = None;
+                if let Some(dp) = dataplane.as_deref_mut() {
+                    check_iptables(dp, &health, &mut last_iptables_error).await;
+                    last_iptables_check = tokio::time::Instant::now();
                 }
                 continue;
             }
@@ -501,6 +522,40 @@ fn apply_config(running: &mut NetworkConfig, new: &NetworkConfig, dp: Option<&mu
 /// How often our iptables chains are checked: iptables sends no notifications, and each check
 /// spawns the tools, so it is a fixed, slower period than the kernel's events.
 const IPTABLES_CHECK: Duration = Duration::from_secs(5);
+/// The iptables check's period when nftables notifies changes: a net under the notifications.
+const IPTABLES_NET: Duration = Duration::from_secs(60);
+/// How long a burst of nftables notifications is let settle before the check.
+const NFT_SETTLE: Duration = Duration::from_millis(200);
+/// The shortest time between two checks started by notifications.
+const NFT_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// Checks our iptables rules, restores them if needed, and logs a failure once until it changes.
+async fn check_iptables(dp: &mut Dataplane, health: &Health, last_error: &mut String) {
+    let checked = dp.ensure_iptables().await;
+    health.record_iptables(&checked);
+    match checked {
+        Ok(_) => last_error.clear(),
+        Err(e) if e.to_string() != *last_error => {
+            error!("{e}; checking again within {:?}", IPTABLES_CHECK);
+            *last_error = e.to_string();
+        }
+        Err(_) => {}
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 /// Entries written or removed by one diff past which the allocator is trimmed after it.
 const TRIM_AFTER: usize = 1000;
 

@@ -6,6 +6,7 @@
 pub mod iptables;
 pub mod links;
 pub mod monitor;
+pub mod nft_events;
 pub mod peer_diff;
 pub mod peers;
 pub mod probe;
@@ -205,6 +206,11 @@ impl Dataplane {
             warn!("{e}; Services may not work for pods on the same node");
         }
         Ok(())
+    }
+
+    /// The iptables backend in use, once the first check picked it.
+    pub fn iptables_backend(&self) -> Option<crate::iptables_tools::Backend> {
+        self.iptables.as_ref().map(|i| i.backend())
     }
 
     pub async fn ensure_iptables(&mut self) -> Result<bool, DataplaneError> {
