@@ -3,9 +3,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, KvClient, WatchClient};
 use ipnetwork::Ipv4Network;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::keys::Keys;
 use super::lease_value::{Lease, LeaseValue};
@@ -15,6 +15,22 @@ use crate::config::{ConfigError, NetworkConfig, EXAMPLE_CONFIG};
 
 /// Every unary call gets this long; a stuck call must not hang the daemon.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest message accepted from etcd on the listing and the lease watch. tonic's default, 4 MiB,
+/// is what a one-piece listing of ~15 000 leases with EKS-length NodeNames takes, and a watch's
+/// catch-up of a few large values: the call failed and was retried for ever (issue 13). Listings
+/// are paged and watch answers fragmented, so messages stay far smaller; what etcd cannot cut is
+/// one key, as large as its `--max-request-bytes` (1.5 MiB by default, 10 MiB at most is etcd's
+/// advice), and a watch fragment holds up to that much. Still a bound: each message is buffered
+/// whole before it is decoded.
+pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
+
+/// Keys per page of a listing: about 250 kB of answer with flannel-sized values, few round trips at
+/// 20 000 leases (kube-apiserver's pager asks for 500).
+pub const LIST_PAGE: i64 = 1000;
+
+/// Listings started again after etcd compacted away the revision a listing's pages were read at.
+const LIST_RESTARTS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -52,6 +68,15 @@ pub enum RegistryError {
     TlsRejected { endpoints: String, detail: String },
     #[error("etcd at {endpoints} refused the request: {detail}")]
     Rejected { endpoints: String, detail: String },
+    /// An answer over [`MAX_MESSAGE_BYTES`]: asking for less at a time can help, asking again cannot.
+    #[error(
+        "etcd at {endpoints} sent a message larger than overlayd accepts ({detail}); a value under \
+         the prefix that large is not a lease"
+    )]
+    TooLarge { endpoints: String, detail: String },
+    /// The revision a read asked for is gone: reading again from the newest one helps.
+    #[error("etcd at {endpoints} compacted the revision asked for: {detail}")]
+    Compacted { endpoints: String, detail: String },
     #[error(
         "etcd at {endpoints} rejected user {user:?}: wrong username or password. Check \
          --etcd-username and --etcd-password (OVERLAYD_ETCD_USERNAME, OVERLAYD_ETCD_PASSWORD), \
@@ -65,7 +90,9 @@ impl RegistryError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            RegistryError::Unreachable { .. } | RegistryError::ConfigMissing { .. }
+            RegistryError::Unreachable { .. }
+                | RegistryError::ConfigMissing { .. }
+                | RegistryError::Compacted { .. }
         )
     }
 }
@@ -73,6 +100,11 @@ impl RegistryError {
 #[derive(Clone)]
 pub struct Registry {
     client: Client,
+    /// `client`'s KV and watch clients with the [`MAX_MESSAGE_BYTES`] limit, set once here: the
+    /// listing and the lease watch go through these (the [`Client`] has no setter for its own).
+    /// They share its channel and its login token.
+    kv: KvClient,
+    watch: WatchClient,
     pub keys: Keys,
     errors: ErrorContext,
     /// Immediate retries of a call that found no connection: twice per other endpoint.
@@ -142,6 +174,12 @@ impl Registry {
             .await
             .map_err(|e| errors.map(e))?;
         Ok(Registry {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             client,
             keys,
             errors,
@@ -178,10 +216,28 @@ impl Registry {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_on(&self.client, f).await
+    }
+
+    /// [`Registry::call`] on the watch client that accepts messages up to [`MAX_MESSAGE_BYTES`].
+    pub(super) async fn call_watch<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
+    where
+        F: Fn(WatchClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_on(&self.watch, f).await
+    }
+
+    async fn call_on<C, T, F, Fut>(&self, client: &C, f: F) -> Result<T, RegistryError>
+    where
+        C: Clone,
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let mut relogged = false;
         let mut other_members = self.retries;
         loop {
-            match self.call_once(f(self.client.clone())).await {
+            match self.call_once(f(client.clone())).await {
                 Ok(v) => return Ok(v),
                 Err(Stale(e)) if self.errors.user.is_some() && !relogged => {
                     info!(
@@ -258,21 +314,68 @@ impl Registry {
     }
 
     /// Every subnet key, with the revision the listing was taken at.
+    ///
+    /// Read in pages of [`LIST_PAGE`] keys, all at the first page's revision, as kube-apiserver
+    /// lists: one answer for every lease grows with the cluster (over 4 MiB at 20 000 leases), and
+    /// etcd builds each answer whole in its memory too. A page over [`MAX_MESSAGE_BYTES`] (large
+    /// foreign values under the prefix) is asked for again in halves; a compaction of that revision
+    /// midway starts the listing again at the newest one.
     pub async fn list_leases(&self) -> Result<LeaseSet, RegistryError> {
-        let prefix = self.keys.subnets();
-        let prefix = prefix.as_str();
-        let resp = self
-            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut set = LeaseSet {
-            revision,
-            ..LeaseSet::default()
-        };
-        for kv in resp.kvs() {
-            set.apply_put(self, kv.key(), kv.value(), kv.lease(), kv.mod_revision());
+        let mut restarts = 0;
+        loop {
+            match self.list_pages().await {
+                Err(e @ RegistryError::Compacted { .. }) if restarts < LIST_RESTARTS => {
+                    restarts += 1;
+                    debug!("{e}; listing the leases again from the newest revision");
+                }
+                other => return other,
+            }
         }
-        Ok(set)
+    }
+
+    async fn list_pages(&self) -> Result<LeaseSet, RegistryError> {
+        let prefix = self.keys.subnets();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.into_bytes();
+        let mut page = LIST_PAGE;
+        // The revision every page is read at: the first page's (0 there: the newest).
+        let mut revision = 0;
+        let mut set = LeaseSet::default();
+        loop {
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_revision(revision);
+            let (key, opts) = (&from, &opts);
+            let resp = match self
+                .call_on(&self.kv, |mut kv| async move {
+                    kv.get(key.clone(), Some(opts.clone())).await
+                })
+                .await
+            {
+                Ok(r) => r,
+                Err(e @ RegistryError::TooLarge { .. }) if page > 1 => {
+                    page = (page / 2).max(1);
+                    warn!("{e}; asking for {page} keys at a time");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                set.revision = revision;
+            }
+            for kv in resp.kvs() {
+                set.apply_put(self, kv.key(), kv.value(), kv.lease(), kv.mod_revision());
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The smallest key after the last one read.
+                    from = [last.key(), b"\0"].concat();
+                }
+                _ => return Ok(set),
+            }
+        }
     }
 
     /// The key of one subnet, if it exists.
@@ -302,6 +405,20 @@ impl Registry {
             lease_id,
             mod_revision,
         })
+    }
+}
+
+/// The end of the range of keys that start with `prefix`: its last byte that can grow, grown by one
+/// (what etcd-client's `with_prefix` computes, needed here to go on from a key within the prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    match prefix.iter().rposition(|b| *b < 0xff) {
+        Some(i) => {
+            let mut end = prefix[..=i].to_vec();
+            end[i] += 1;
+            end
+        }
+        // Every byte 0xff: no key is past them, and etcd reads "\0" as "to the end".
+        None => vec![0],
     }
 }
 
@@ -360,6 +477,25 @@ impl ErrorContext {
                         }
                         None => format!("{}{}", s.message(), self.tls_hint),
                     },
+                }
+            }
+            // tonic's own refusal of an answer over the limit, not etcd's.
+            E::GRpcStatus(s)
+                if s.code() == tonic::Code::OutOfRange
+                    && s.message().contains("message length too large") =>
+            {
+                RegistryError::TooLarge {
+                    endpoints,
+                    detail: s.message().to_string(),
+                }
+            }
+            E::GRpcStatus(s)
+                if s.code() == tonic::Code::OutOfRange
+                    && s.message().contains("required revision has been compacted") =>
+            {
+                RegistryError::Compacted {
+                    endpoints,
+                    detail: s.message().to_string(),
                 }
             }
             E::GRpcStatus(s)

@@ -13,7 +13,7 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions, WatchResponse};
 use tracing::{debug, info, warn};
 
-use super::client::Registry;
+use super::client::{Registry, RegistryError};
 use super::config_watch::ConfigFollower;
 use super::screen::{IgnoreReason, Ignored, TRUNCATED_EVENT_KEY};
 use super::watch::{LeaseSet, Outputs};
@@ -31,8 +31,8 @@ pub(super) enum WatchEnd {
     Lost,
     /// The leases' history is gone: list everything again.
     Compacted,
-    /// The stream stopped answering, or etcd's revision went back (restored from a snapshot):
-    /// list everything again.
+    /// The stream stopped answering, etcd's revision went back (restored from a snapshot), or an
+    /// answer was too large to accept: list everything again.
     Relist,
     /// etcd cancelled a watch; `auth` when for the login (a token older than the last change to
     /// users or roles is refused with "permission denied" when a watch opens).
@@ -99,7 +99,7 @@ async fn run(
     let (prefix, opts) = (reg.keys.subnets(), &opts);
     let prefix = prefix.as_str();
     let opened = reg
-        .call(|mut c| async move { c.watch(prefix, Some(opts.clone())).await })
+        .call_watch(|mut w| async move { w.watch(prefix, Some(opts.clone())).await })
         .await;
     let mut stream = match opened {
         Ok(s) => s,
@@ -159,7 +159,14 @@ async fn run(
                 return (WatchEnd::Lost, why);
             }
             Err(e) => {
-                let why = format!("lease watch lost: {}", reg.map_err(e));
+                let e = reg.map_err(e);
+                let why = format!("lease watch lost: {e}");
+                // Resuming would ask for the same answer again: list what is there now instead,
+                // and watch from the listing's revision.
+                if matches!(e, RegistryError::TooLarge { .. }) {
+                    warn!("{why}; listing every lease again");
+                    return (WatchEnd::Relist, why);
+                }
                 warn!(
                     "{why}; resuming from revision {} (data plane unchanged)",
                     set.revision + 1
