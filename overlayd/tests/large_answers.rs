@@ -1,10 +1,12 @@
 //! etcd answers larger than tonic's default 4 MiB message limit (issue 13), against a real etcd:
-//! the listing of 25 000 leases with EKS-length NodeNames, and a listing page larger than the
+//! the listing of 25 000 leases with EKS-length NodeNames, the catch-up of a watch that resumes
+//! after a reconnect with more than 4 MiB of values to deliver, and a listing page larger than the
 //! limit overlayd sets. The daemons run with `--lease-only` on loopback.
 
 mod common;
 
 use std::net::Ipv4Addr;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -89,6 +91,14 @@ fn gauge_reaches(addr: &str, want: i64, timeout: Duration) {
     panic!("the daemon sees {last:?} leases after {timeout:?}, not {want}");
 }
 
+fn kill(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
 #[test]
 fn a_daemon_lists_25_000_leases_whose_listing_is_over_4_mib() {
     let (etcd, dir) = wide_seeded();
@@ -108,6 +118,59 @@ fn a_daemon_lists_25_000_leases_whose_listing_is_over_4_mib() {
     );
     gauge_reaches(&addr, i64::from(PEERS) + 1, Duration::from_secs(30));
     assert!(!d.log_text().contains("too large"), "{}", d.log_text());
+}
+
+#[test]
+fn a_watch_resumed_with_over_32_mib_to_catch_up_gets_it_in_parts_and_goes_on() {
+    let (mut etcd, dir) = seeded();
+    let addr = format!("127.0.0.1:{}", free_port(Ipv4Addr::LOCALHOST));
+    let d = leased(
+        &etcd.endpoint,
+        "127.0.0.72",
+        dir.path(),
+        &["--metrics-addr", &addr],
+    );
+    gauge_reaches(&addr, 1, Duration::from_secs(10));
+
+    // The daemon stopped while etcd goes away and comes back: its watch stream is gone before it
+    // could deliver anything, so on waking the daemon resumes from its last revision and etcd
+    // sends everything written meanwhile as one catch-up.
+    kill("STOP", d.pid());
+    etcd.stop();
+    etcd.restart();
+    // 28 values of 1.2 MiB (etcd's default --max-request-bytes is 1.5 MiB per request), in the
+    // network's 10.244.0.0/16 like any peer: 34 MiB, over tonic's default 4 MiB and over
+    // overlayd's own 32 MiB too, so only a catch-up in fragments is taken without a relisting.
+    const VALUES: u32 = 28;
+    let rt = rt();
+    let written: usize = rt.block_on(async {
+        let mut c = Client::connect([etcd.endpoint.as_str()], None)
+            .await
+            .expect("connect to etcd");
+        let mut bytes = 0;
+        for i in 0..VALUES {
+            let (_, v) = peer(i, 1200 << 10);
+            let k = key(&format!("10.244.{}.0-24", 200 + i));
+            bytes += k.len() + v.len();
+            c.put(k, v, None).await.expect("put");
+        }
+        bytes
+    });
+    assert!(
+        written > overlayd::registry::client::MAX_MESSAGE_BYTES,
+        "{written} bytes"
+    );
+    kill("CONT", d.pid());
+    gauge_reaches(&addr, 1 + i64::from(VALUES), Duration::from_secs(30));
+    let log = d.log_text();
+    assert!(
+        !log.contains("too large") && !log.contains("listing every lease again"),
+        "the catch-up came in one piece, or the watch gave up:\n{log}"
+    );
+
+    // Still following: a lease written afterwards arrives too.
+    etcd.put(&key("10.244.99.0-24"), PEER);
+    gauge_reaches(&addr, 2 + i64::from(VALUES), Duration::from_secs(15));
 }
 
 #[test]

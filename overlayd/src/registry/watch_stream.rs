@@ -92,10 +92,14 @@ async fn run(
             return (WatchEnd::Lost, why);
         }
     }
+    // Fragmented: etcd cuts an answer over its --max-request-bytes in parts, so a catch-up after
+    // a reconnect (up to 1 000 revisions in one answer, each as large as a request) arrives in
+    // pieces of bounded size instead of one message that can pass any limit (issue 13).
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(set.revision + 1)
-        .with_progress_notify();
+        .with_progress_notify()
+        .with_fragment();
     let (prefix, opts) = (reg.keys.subnets(), &opts);
     let prefix = prefix.as_str();
     let opened = reg
@@ -123,6 +127,8 @@ async fn run(
     }
     let mut asked_progress = false;
     let mut first = true;
+    // Lease events applied from the parts of a fragmented answer, not yet told to the supervisor.
+    let mut unsent = false;
     loop {
         let wait = if asked_progress {
             PROGRESS_DEADLINE
@@ -240,8 +246,14 @@ async fn run(
         }
         match which {
             Some(Which::Leases) => {
-                let changed = apply_lease_events(reg, set, &msg);
-                if changed && out.leases.send(Arc::new(set.clone())).is_err() {
+                let more = is_fragment(&msg);
+                unsent |= apply_lease_events(reg, set, &msg, more);
+                // A set is told once its last revision is whole: the supervisor takes a set's
+                // revision for its contents, and two sets at one revision must not differ.
+                if !more
+                    && std::mem::take(&mut unsent)
+                    && out.leases.send(Arc::new(set.clone())).is_err()
+                {
                     return (WatchEnd::Lost, "the daemon stopped following leases".into());
                 }
             }
@@ -260,11 +272,22 @@ async fn run(
     }
 }
 
+/// Whether more parts of this answer follow: etcd fragments an answer over its --max-request-bytes,
+/// and one revision's events (a transaction, a range delete, a lease's expiry) can span parts.
+fn is_fragment(msg: &WatchResponse) -> bool {
+    // Only the protobuf message has the flag (etcd-client's `pub-response-field` exposes it).
+    msg.0.fragment
+}
+
 /// Applies one answer of the lease watch to `set`; whether anything the supervisor looks at
 /// changed. The revision moves to the last event's, or to the header's on an answer without
 /// events after creation (a progress report): a header's revision is etcd's newest, and events up
 /// to it may still be on their way (the answer that creates the watch, a catch-up cut in parts).
-fn apply_lease_events(reg: &Registry, set: &mut LeaseSet, msg: &WatchResponse) -> bool {
+///
+/// With `more` parts of the answer to come the revision stays: its last event's revision may not
+/// be whole yet, and a watch lost now resumes from the revision before the answer; the events
+/// applied meanwhile come again and apply the same way.
+fn apply_lease_events(reg: &Registry, set: &mut LeaseSet, msg: &WatchResponse, more: bool) -> bool {
     let header_revision = msg.header().map(|h| h.revision()).unwrap_or(set.revision);
     if msg.events().is_empty() {
         if !msg.created() {
@@ -273,6 +296,7 @@ fn apply_lease_events(reg: &Registry, set: &mut LeaseSet, msg: &WatchResponse) -
         return false;
     }
     let mut changed = false;
+    let mut last = set.revision;
     for ev in msg.events() {
         let Some(kv) = ev.kv() else {
             set.ignored.insert(
@@ -285,13 +309,16 @@ fn apply_lease_events(reg: &Registry, set: &mut LeaseSet, msg: &WatchResponse) -
             changed = true;
             continue;
         };
-        set.revision = set.revision.max(kv.mod_revision());
+        last = last.max(kv.mod_revision());
         changed |= match ev.event_type() {
             EventType::Put => {
                 set.apply_put(reg, kv.key(), kv.value(), kv.lease(), kv.mod_revision())
             }
             EventType::Delete => set.apply_delete(reg, kv.key()),
         };
+    }
+    if !more {
+        set.revision = last;
     }
     changed
 }
@@ -307,6 +334,77 @@ fn is_auth_refusal(reason: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader, PbWatchResponse};
+
+    /// A registry that is never called: connecting without credentials makes no call.
+    fn registry(rt: &tokio::runtime::Runtime) -> Registry {
+        let args = crate::cli::EtcdArgs {
+            etcd_endpoints: vec!["http://127.0.0.1:1".into()],
+            etcd_prefix: "/coreos.com/network".into(),
+            etcd_cafile: None,
+            etcd_certfile: None,
+            etcd_keyfile: None,
+            etcd_username: None,
+            etcd_password: None,
+            etcd_watch_silence: Duration::from_secs(10),
+        };
+        rt.block_on(Registry::connect(&args))
+            .expect("a lazy client")
+    }
+
+    fn put(subnet: &str, revision: i64) -> PbEvent {
+        PbEvent {
+            r#type: 0,
+            kv: Some(PbKeyValue {
+                key: format!("/coreos.com/network/subnets/{subnet}").into_bytes(),
+                value: br#"{"PublicIP":"192.0.2.1","BackendType":"vxlan"}"#.to_vec(),
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+                lease: 0,
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn answer(events: Vec<PbEvent>, fragment: bool) -> WatchResponse {
+        WatchResponse(PbWatchResponse {
+            header: Some(PbResponseHeader {
+                revision: 9,
+                ..Default::default()
+            }),
+            events,
+            fragment,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_revision_cut_across_fragments_is_resumed_from_until_it_is_whole() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let reg = registry(&rt);
+        let mut set = LeaseSet {
+            revision: 4,
+            ..LeaseSet::default()
+        };
+        // Revision 6 (a transaction of two puts) begins in the first part and ends in the next.
+        let first = answer(vec![put("10.244.5.0-24", 5), put("10.244.6.0-24", 6)], true);
+        assert!(is_fragment(&first));
+        assert!(apply_lease_events(&reg, &mut set, &first, true));
+        assert_eq!(set.leases.len(), 2, "the events are applied");
+        assert_eq!(
+            set.revision, 4,
+            "a watch lost now resumes before the answer, not after a half revision 6"
+        );
+        let last = answer(vec![put("10.244.7.0-24", 6)], false);
+        assert!(!is_fragment(&last));
+        assert!(apply_lease_events(&reg, &mut set, &last, false));
+        assert_eq!(set.leases.len(), 3);
+        assert_eq!(set.revision, 6);
+    }
 
     #[test]
     fn only_an_answer_after_creation_shows_the_watch_works() {
