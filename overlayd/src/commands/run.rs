@@ -384,7 +384,7 @@ async fn supervise(
                 }
                 retry_only = true;
             }
-            Some(ev) = next_event(&mut kernel_events) => {
+            Some(ev) = next_on(&mut kernel_events) => {
                 let mut drift = dataplane.as_deref().is_some_and(|dp| dp.is_drift(&ev));
                 // Drain what is queued; a burst (a flushed table) becomes one pass.
                 if let Some(rx) = kernel_events.as_mut() {
@@ -407,7 +407,7 @@ async fn supervise(
                 }
                 continue;
             }
-            Some(()) = next_change(&mut nft_changes) => {
+            Some(()) = next_on(&mut nft_changes) => {
                 // An iptables-restore is a burst of messages, and kube-proxy restores several
                 // tables: one check once it settles. At most one a second, so a rule that keeps
                 // failing to apply cannot turn our own writes' notifications into a loop.
@@ -550,19 +550,12 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
 /// Entries written or removed by one diff past which the allocator is trimmed after it.
 const TRIM_AFTER: usize = 1000;
 
-/// The next kernel notification, or never when nothing listens (lease-only, or no socket).
-async fn next_event(
-    rx: &mut Option<tokio::sync::mpsc::Receiver<monitor::KernelEvent>>,
-) -> Option<monitor::KernelEvent> {
+/// The next message of an optional receiver (kernel notifications, nftables changes), or never
+/// when nothing listens (lease-only, or no socket: the periodic checks do the work).
+async fn next_on<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
