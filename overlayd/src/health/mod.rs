@@ -484,6 +484,11 @@ impl Health {
     }
 
     /// "10.244.5.0/24 (node1, 192.0.2.11)" for logs.
+    /// A peer's key as the lease watch last saw it.
+    pub(crate) fn lease_of(&self, subnet: &Ipv4Network) -> Option<Arc<crate::registry::Lease>> {
+        self.known().leases.leases.get(subnet).cloned()
+    }
+
     pub(crate) fn peer_name(&self, t: &crate::dataplane::probe::Target) -> String {
         let k = self.known();
         let name = k

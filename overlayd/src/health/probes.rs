@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::Health;
 use crate::dataplane::probe::{self, ProbeConfig, ProbeMetrics, Target, Transition};
-use crate::registry::{keepalive, Registry};
+use crate::registry::{keepalive, Lease, Registry};
 
 /// While a peer stays unreachable, its cause is looked at again after this, then twice as long
 /// each time up to [`RECHECK_CAP`]: a peer down for hours must not cost etcd two reads every few
@@ -93,8 +93,8 @@ impl Health {
 }
 
 /// Logs each transition once and keeps the cause of every unreachable peer up to date. Causes
-/// cost two etcd reads each, so at most [`EXPLAIN_PER_SECOND`] are looked up per second, oldest
-/// first: a node cut off from all 5 000 peers must not turn into a burst of 10 000 reads.
+/// cost an etcd read each, so at most [`EXPLAIN_PER_SECOND`] are looked up per second, oldest
+/// first: a node cut off from all 5 000 peers must not turn into a burst of 5 000 reads.
 async fn follow(
     health: Arc<Health>,
     reg: Registry,
@@ -160,7 +160,8 @@ async fn follow(
                 }
                 for subnet in due {
                     let Some(target) = down.get(&subnet).map(|d| d.target.clone()) else { continue };
-                    let cause = explain(&reg, &target, port).await;
+                    let lease = health.lease_of(&subnet);
+                    let cause = explain(&reg, &target, lease.as_deref(), port).await;
                     let changed = health.set_probe_cause(subnet, Some(cause.clone()));
                     let Some(d) = down.get_mut(&subnet) else { continue };
                     let who = health.peer_name(&target);
@@ -180,15 +181,17 @@ async fn follow(
 }
 
 /// Why a peer does not answer, as far as etcd can tell.
-async fn explain(reg: &Registry, t: &Target, port: u16) -> String {
+/// `lease` is the peer's key as the watch last saw it: the lookup asks etcd only for the lease's
+/// time to live, not again for a key this node already follows.
+async fn explain(reg: &Registry, t: &Target, lease: Option<&Lease>, port: u16) -> String {
     let blocked = format!(
         "no VXLAN reply from {} (UDP {port}): blocked between nodes? check the security groups",
         t.public_ip
     );
-    let stale = match reg.lease(&t.subnet).await {
-        Ok(None) => Some("its subnet key is gone from etcd".to_string()),
-        Ok(Some(l)) if l.is_reservation() => None,
-        Ok(Some(l)) => {
+    let stale = match lease {
+        None => Some("its subnet key is gone from etcd".to_string()),
+        Some(l) if l.is_reservation() => None,
+        Some(l) => {
             let id = l.lease_id;
             match reg
                 .call(|mut c| async move { c.lease_time_to_live(id, None).await })
@@ -210,7 +213,6 @@ async fn explain(reg: &Registry, t: &Target, port: u16) -> String {
                 Err(_) => None,
             }
         }
-        Err(_) => None,
     };
     match stale {
         Some(why) => {
